@@ -1,0 +1,81 @@
+"""Command line: ``trio-echo serve|check-config`` (PRODUCT.md). Maps errors to exit codes, once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from ._version import __version__
+from .config import Config, config_from_toml, config_to_toml, with_overrides
+from .daemon import EXIT_OK, EXIT_USAGE, raise_nofile_limit, run
+from .errors import ConfigError
+from .logsetup import configure_logging
+
+PROG = "trio-echo"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit 2), not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="A production-grade TCP echo service on Trio.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", metavar="PATH", help="TOML config file (default: $TRIO_ECHO_CONFIG)")
+    serve.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action="append",
+        help="listen here instead of the configured list (repeatable): "
+        "HOST:PORT, [V6]:PORT, :PORT, unix:/path",
+    )
+    serve.add_argument("--admin", metavar="ADDR|off", help="admin port address, or 'off'")
+
+    check = commands.add_parser("check-config", help="validate a config file and print the effective config")
+    check.add_argument("path", metavar="PATH")
+    return parser
+
+
+def load_config(path: str | None) -> Config:
+    """Read and validate the config file at ``path``; ``None`` means the built-in defaults.
+
+    Raises:
+        ConfigError: unreadable file or invalid contents.
+    """
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ConfigError("", path, f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", path, f"config file {path} is not UTF-8: {exc.reason}") from None
+    return config_from_toml(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``trio-echo`` and ``python -m trio_echo``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            config = load_config(args.path)
+            limit = raise_nofile_limit()
+            sys.stdout.write(config_to_toml(config, max_connections=config.effective_max_connections(limit)))
+            return EXIT_OK
+        config = load_config(args.config or os.environ.get("TRIO_ECHO_CONFIG") or None)
+        config = with_overrides(config, listen=args.listen, admin=args.admin)
+    except ConfigError as exc:
+        print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(config.log)
+    return run(config)

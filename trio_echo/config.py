@@ -1,0 +1,509 @@
+"""Configuration: frozen attrs values, validation, TOML -> Config and back (pure).
+
+Every key is optional; every section and field below documents one key of ``configs/trio-echo.toml``.
+Values are validated on construction, so a ``Config`` built in Python is as safe as one read from a file.
+Loading reports the first problem as a :class:`ConfigError` naming the dotted key and the bad value.
+
+Hand-written rather than cattrs: the whole schema is scalars, lists of strings and one list of tables,
+and the error we owe users is one line naming ``section.key`` and the value, which cattrs' grouped
+structuring errors would need translating back into anyway.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from .addresses import Address, format_host_port, parse_address
+from .errors import AddressError, ConfigError
+from .events import DEFAULT_FLAGS, Flag, format_flags, parse_flags
+
+# Transports this version serves; the address grammar already knows tls:// and udp:// (PRODUCT.md).
+SUPPORTED_TRANSPORTS = ("tcp",)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+FALLBACK_MAX_CONNECTIONS = 4096  # PRODUCT.md: where there is no RLIMIT_NOFILE (Windows)
+
+
+# -- validators (raise ConfigError with the field name; the loader adds the section) ------------------
+
+
+def _problem(attribute: attrs.Attribute[Any], value: object, problem: str) -> ConfigError:
+    return ConfigError(attribute.name, value, problem)
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise _problem(attribute, value, "must be >= 0 (0 means off)")
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise _problem(attribute, value, "must be > 0")
+
+
+def _finite(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not math.isfinite(value):
+        raise _problem(attribute, value, "must be a finite number")
+
+
+def _at_most(limit: int) -> Callable[[object, attrs.Attribute[Any], int], None]:
+    def check(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+        if value > limit:
+            raise _problem(attribute, value, f"must be <= {limit}")
+
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[object, attrs.Attribute[Any], str], None]:
+    def check(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise _problem(attribute, value, f"must be one of {', '.join(map(repr, choices))}")
+
+    return check
+
+
+def _cidrs(_: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for index, item in enumerate(value):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{attribute.name}[{index}]", item, "is not a CIDR") from None
+
+
+def _admin_address(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value == "":
+        return
+    try:
+        address = parse_address(value)
+    except AddressError as exc:
+        raise _problem(attribute, value, str(exc)) from None
+    if address.transport != "tcp":
+        raise _problem(attribute, value, "the admin port speaks plain HTTP over TCP")
+
+
+# -- sections -----------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ListenerConfig:
+    """One ``server.listen`` entry: an ADDR string, or a table ``{ address = "...", ... }``."""
+
+    address: Address
+    """Where to listen (parsed ADDR)."""
+    name: str = ""
+    """Label for stats, metrics and trace events; defaults to the address as written."""
+    backlog: int | None = attrs.field(default=None, validator=_positive)
+    """Listen backlog of this entry; defaults to ``server.backlog``."""
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.address)
+
+
+def _listener_entry(value: object) -> ListenerConfig:
+    if isinstance(value, str):
+        return ListenerConfig(address=parse_address(value))
+    if isinstance(value, Mapping):
+        if "address" not in value:
+            raise ConfigError("address", None, "a listen table needs an 'address'")
+        address = value["address"]
+        if not isinstance(address, str):
+            raise ConfigError("address", address, "expected an ADDR string")
+        rest = {k: v for k, v in value.items() if k != "address"}
+        entry: ListenerConfig = _build(ListenerConfig, rest, "", {"address": parse_address(address)})
+        return entry
+    raise ConfigError("", value, "expected an ADDR string or a table")
+
+
+def _listen_list(_: object, attribute: attrs.Attribute[Any], value: tuple[ListenerConfig, ...]) -> None:
+    if not value:
+        raise _problem(attribute, [], "needs at least one address")
+    seen: set[str] = set()
+    for index, entry in enumerate(value):
+        key = f"{attribute.name}[{index}]"
+        if entry.address.transport not in SUPPORTED_TRANSPORTS:
+            raise ConfigError(
+                key, str(entry.address), f"transport {entry.address.transport!r} is not supported yet"
+            )
+        if entry.label in seen:
+            raise ConfigError(key, entry.label, "is listed twice")
+        seen.add(entry.label)
+
+
+@attrs.frozen
+class ServerConfig:
+    """``[server]``: what to listen on and what to say."""
+
+    listen: tuple[ListenerConfig, ...] = attrs.field(
+        default=(ListenerConfig(address=Address(port=40007)),), validator=_listen_list
+    )
+    """Listen entries. ``":40007"`` is one IPv4 and one IPv6 socket (IPV6_V6ONLY)."""
+    greeting: str = ""
+    """Sent to every client on connect (UTF-8); empty = none."""
+    farewell: str = ""
+    """Sent after the client's half-close once its echo is complete, e.g. "bye\\n"; empty = none."""
+    backlog: int = attrs.field(default=4096, validator=[_positive, _at_most(65535)])
+    """listen(2) backlog (the kernel caps it at net.core.somaxconn)."""
+
+
+@attrs.frozen
+class LimitsConfig:
+    """``[limits]``: what one client may take. Durations are seconds; 0 means off unless noted."""
+
+    max_connections: int | None = attrs.field(default=None, validator=_positive)
+    """Most client connections open at once; default: hard RLIMIT_NOFILE minus fd_reserve."""
+    max_connections_per_ip: int = attrs.field(default=0, validator=_non_negative)
+    """Most connections per IPv4 address or IPv6 /64."""
+    idle_timeout: float = attrs.field(default=300.0, validator=[_finite, _non_negative])
+    """Close a connection after this long without a byte either way (reason ``idle``)."""
+    send_timeout: float = attrs.field(default=60.0, validator=[_finite, _non_negative])
+    """Close a client that has not taken our echo for this long (reason ``send_timeout``)."""
+    max_lifetime: float = attrs.field(default=0.0, validator=[_finite, _non_negative])
+    """Close every connection after this long (reason ``lifetime``)."""
+    drain_timeout: float = attrs.field(default=20.0, validator=[_finite, _non_negative])
+    """On stop, how long connections may finish on their own; 0 closes them at once."""
+    linger_timeout: float = attrs.field(default=5.0, validator=[_finite, _non_negative])
+    """Lingering close: after shutting our write side, how long to read and discard input."""
+    buffer_size: int = attrs.field(default=65536, validator=[_positive, _at_most(16 * 1024 * 1024)])
+    """Most bytes held per connection; reading stops while that much echo is unsent."""
+    fd_reserve: int = attrs.field(default=64, validator=_non_negative)
+    """File descriptors kept free for logs, the admin port and accept(2) itself."""
+    refusal: str = ""
+    """Text sent to a refused client before its lingering close; empty = none."""
+    keepalive: bool = True
+    """TCP keepalive on accepted sockets (idle 60 s, interval 10 s, 5 probes)."""
+    socket_buffer: int = attrs.field(default=0, validator=_non_negative)
+    """SO_SNDBUF/SO_RCVBUF set on listening sockets (accepted ones inherit it); 0 = kernel default."""
+    allow: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+    """CIDRs allowed to connect; empty = everyone."""
+    deny: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+    """CIDRs refused (deny wins over allow)."""
+    max_connect_rate_per_ip: float = attrs.field(default=0.0, validator=[_finite, _non_negative])
+    """New connections per second per source address (token bucket)."""
+    max_bytes_per_second: int = attrs.field(default=0, validator=_non_negative)
+    """Echo bandwidth cap per connection."""
+
+
+@attrs.frozen
+class TraceConfig:
+    """``[trace]``: which events are emitted at all, and where they are written."""
+
+    flags: Flag = DEFAULT_FLAGS
+    """Names or number: error=0x1, info=0x2, conn=0x4, data=0x8 ("error,info", 5, "0x5")."""
+    file: str = ""
+    """JSON-lines file for trace events; empty = none."""
+    file_max_bytes: int = attrs.field(default=0, validator=_non_negative)
+    """Rotate the trace file past this size; 0 = never."""
+
+
+@attrs.frozen
+class LogConfig:
+    """``[log]``: the human log."""
+
+    level: str = attrs.field(default="info", validator=_one_of(*LOG_LEVELS))
+    """debug, info, warning, error or critical."""
+    format: str = attrs.field(default="text", validator=_one_of("text", "json"))
+    """text or json (one JSON object per line)."""
+    file: str = ""
+    """Log file; empty = stderr."""
+
+
+@attrs.frozen
+class AdminConfig:
+    """``[admin]``: the admin port (HTTP + WebSocket)."""
+
+    listen: str = attrs.field(default="127.0.0.1:40008", validator=_admin_address)
+    """Admin address; empty = off."""
+    token_file: str = ""
+    """File holding the admin token; empty = env TRIO_ECHO_ADMIN_TOKEN or a generated one."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to use the admin port; empty = its own origin."""
+    stats_interval: float = attrs.field(default=1.0, validator=[_finite, _positive])
+    """Seconds between stats messages on the admin channel."""
+    max_connections: int = attrs.field(default=16, validator=_positive)
+    """Most admin connections at once."""
+
+
+@attrs.frozen
+class SupervisorConfig:
+    """``[supervisor]``: restart intensity and backoff of long-lived tasks (listeners)."""
+
+    max_restarts: int = attrs.field(default=5, validator=_non_negative)
+    """Restarts allowed within ``period`` before the supervisor gives up (exit 1)."""
+    period: float = attrs.field(default=60.0, validator=[_finite, _positive])
+    """Sliding window, seconds, for ``max_restarts``."""
+    backoff_initial: float = attrs.field(default=0.1, validator=[_finite, _non_negative])
+    """First restart delay; doubles per restart of the same child within ``period``."""
+    backoff_max: float = attrs.field(default=30.0, validator=[_finite, _non_negative])
+    """Longest restart delay."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.backoff_max < self.backoff_initial:
+            raise ConfigError("backoff_max", self.backoff_max, "must be >= backoff_initial")
+
+
+@attrs.frozen
+class TlsConfig:
+    """``[tls]``: certificates for ``tls://`` listeners."""
+
+    cert_file: str = ""
+    """PEM certificate chain."""
+    key_file: str = ""
+    """PEM private key."""
+    client_ca_file: str = ""
+    """PEM CA bundle; set = clients must present a certificate it signed (mutual TLS)."""
+    min_version: str = attrs.field(default="1.2", validator=_one_of("1.2", "1.3"))
+    """Lowest TLS version accepted."""
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration; every section optional."""
+
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    trace: TraceConfig = TraceConfig()
+    log: LogConfig = LogConfig()
+    admin: AdminConfig = AdminConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    tls: TlsConfig = TlsConfig()
+
+    def effective_max_connections(self, nofile_limit: int | None) -> int:
+        """``limits.max_connections`` with its default filled in and clamped to what fds allow.
+
+        ``nofile_limit`` is the RLIMIT_NOFILE the process runs with (``None`` where there is none).
+        """
+        ceiling = (
+            FALLBACK_MAX_CONNECTIONS
+            if nofile_limit is None
+            else max(1, nofile_limit - self.limits.fd_reserve)
+        )
+        configured = self.limits.max_connections
+        return ceiling if configured is None else min(configured, ceiling)
+
+
+# -- structuring: mapping -> attrs values -------------------------------------------------------------
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "limits": LimitsConfig,
+    "trace": TraceConfig,
+    "log": LogConfig,
+    "admin": AdminConfig,
+    "supervisor": SupervisorConfig,
+    "tls": TlsConfig,
+}
+
+
+def config_from_toml(text: str) -> Config:
+    """Parse TOML text into a validated :class:`Config`.
+
+    Raises:
+        ConfigError: for TOML syntax errors, unknown sections or keys, wrong types and bad values.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", None, f"invalid TOML: {exc}") from None
+    return config_from_mapping(data)
+
+
+def config_from_mapping(data: Mapping[str, object]) -> Config:
+    """Build a :class:`Config` from a parsed-TOML mapping (see :func:`config_from_toml`)."""
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(name, value, f"unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(value, Mapping):
+            raise ConfigError(name, value, "expected a table")
+        sections[name] = _build(_SECTIONS[name], value, name)
+    return Config(**sections)
+
+
+def _build(
+    cls: type[Any], data: Mapping[str, object], prefix: str, given: dict[str, Any] | None = None
+) -> Any:
+    kwargs: dict[str, Any] = dict(given or {})
+    fields = {f.name: f for f in attrs.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in fields or key in kwargs:
+            known = ", ".join(name for name in fields if name not in (given or {}))
+            raise ConfigError(dotted, value, f"unknown key (known: {known})")
+        try:
+            kwargs[key] = _convert(hints[key], value)
+        except ConfigError as exc:
+            raise _prefixed(exc, dotted) from None
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(dotted, value, str(exc)) from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise _prefixed(exc, prefix) from None
+
+
+def _prefixed(exc: ConfigError, prefix: str) -> ConfigError:
+    if not prefix:
+        return exc
+    key = (
+        prefix if not exc.key else f"{prefix}.{exc.key}" if not exc.key.startswith("[") else prefix + exc.key
+    )
+    return ConfigError(key, exc.value, exc.problem)
+
+
+def _convert(hint: Any, value: object) -> object:
+    """Check ``value`` against a field's type and convert it (list -> tuple, int -> float, ...)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _convert(options[0], value)
+    if hint is Flag:
+        return parse_flags(value)
+    if origin is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, not {_toml_type(value)}")
+        items = []
+        for index, item in enumerate(value):
+            try:
+                items.append(
+                    _listener_entry(item) if item_hint is ListenerConfig else _convert(item_hint, item)
+                )
+            except ConfigError as exc:
+                raise _prefixed(exc, f"[{index}]") from None
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"[{index}]", item, str(exc)) from None
+        return tuple(items)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, not {_toml_type(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, not {_toml_type(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"expected a number of seconds, not {_toml_type(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, not {_toml_type(value)}")
+        return value
+    raise TypeError(f"unsupported field type {hint!r}")  # pragma: no cover - schema bug
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
+    if isinstance(value, Mapping):
+        return "a table"
+    return names.get(type(value), type(value).__name__)
+
+
+# -- back to TOML (check-config prints the effective config) ------------------------------------------
+
+
+def config_to_toml(config: Config, *, max_connections: int | None = None) -> str:
+    """Render ``config`` as TOML with every default filled in.
+
+    ``max_connections`` replaces an unset ``limits.max_connections`` (its default depends on the
+    process's fd limit, which only the caller knows).
+    """
+    lines: list[str] = []
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        lines.append(f"[{name}]")
+        for field in attrs.fields(type(section)):
+            value = getattr(section, field.name)
+            if name == "limits" and field.name == "max_connections" and value is None:
+                value = max_connections
+            if value is None:
+                continue
+            lines.append(f"{field.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Flag):
+        return _toml_string(format_flags(value))
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, ListenerConfig):
+        if not value.name and value.backlog is None:
+            return _toml_string(str(value.address))
+        parts = [f"address = {_toml_string(str(value.address))}"]
+        if value.name:
+            parts.append(f"name = {_toml_string(value.name)}")
+        if value.backlog is not None:
+            parts.append(f"backlog = {value.backlog}")
+        return "{ " + ", ".join(parts) + " }"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot render {value!r} as TOML")  # pragma: no cover - schema bug
+
+
+def _toml_string(text: str) -> str:
+    out = ['"']
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char == "\n":
+            out.append("\\n")
+        elif char == "\t":
+            out.append("\\t")
+        elif char == "\r":
+            out.append("\\r")
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+# -- command-line overrides ---------------------------------------------------------------------------
+
+
+def with_overrides(config: Config, *, listen: list[str] | None = None, admin: str | None = None) -> Config:
+    """Apply ``serve`` flags: ``--listen`` (replaces the list) and ``--admin ADDR|off``.
+
+    Raises ConfigError naming the flag when a value is bad.
+    """
+    server = config.server
+    if listen:
+        entries = []
+        for text in listen:
+            try:
+                entries.append(ListenerConfig(address=parse_address(text)))
+            except AddressError as exc:
+                raise ConfigError("--listen", text, str(exc)) from None
+        try:
+            server = attrs.evolve(server, listen=tuple(entries))
+        except ConfigError as exc:
+            raise ConfigError("--listen", exc.value, exc.problem) from None
+    admin_section = config.admin
+    if admin is not None:
+        try:
+            admin_section = attrs.evolve(admin_section, listen="" if admin == "off" else admin)
+        except ConfigError as exc:
+            raise ConfigError("--admin", admin, exc.problem) from None
+    return attrs.evolve(config, server=server, admin=admin_section)
+
+
+def admin_url_host(listen: str) -> str:
+    """``host:port`` of an admin address for printing (``:P`` shows as ``localhost:P``)."""
+    address = parse_address(listen)
+    return format_host_port(address.host or "localhost", address.port)

@@ -1,0 +1,176 @@
+"""The per-connection pump: the only code that reads from or writes to a client stream.
+
+``Connection.run`` reads, feeds the :class:`~trio_echo.echo.EchoSession`, writes what it says, and
+always ends with a lingering close. It works on any ``trio.abc.Stream`` (sockets, in-memory streams,
+TLS). Transport errors are translated into a close reason here, at this one edge.
+
+Timeouts: the connection runs in one cancel scope whose deadline is re-armed before every await to
+what limits *that* await: ``idle_timeout`` while waiting for input (nothing is unsent then, so nothing
+moves either way), ``send_timeout`` while our echo is being written, and never past ``max_lifetime``.
+One scope per connection, re-armed rather than a new scope per chunk, keeps the chunk path free of
+allocations while each limit still covers exactly the await it names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+from .echo import EchoSession, Step
+from .events import Flag
+from .trace import Tracer
+
+LINGER_CHUNK = 16384  # read size while discarding input during a lingering close
+
+
+class Connection:
+    """One client connection.
+
+    Args:
+        stream: the client stream; ``run`` always closes it.
+        session: the echo state for this connection.
+        idle_timeout, send_timeout, max_lifetime, linger_timeout: seconds, 0 = off.
+        tracer, conn_id: per-chunk ``data`` events go here when that flag is on.
+    """
+
+    __slots__ = (
+        "_idle_timeout",
+        "_lifetime_deadline",
+        "_linger_timeout",
+        "_phase",
+        "_send_timeout",
+        "_tracer",
+        "close_reason",
+        "conn_id",
+        "scope",
+        "session",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        session: EchoSession,
+        *,
+        idle_timeout: float = 0.0,
+        send_timeout: float = 0.0,
+        max_lifetime: float = 0.0,
+        linger_timeout: float = 0.0,
+        tracer: Tracer | None = None,
+        conn_id: int = 0,
+    ) -> None:
+        self.stream = stream
+        self.session = session
+        self.scope = trio.CancelScope()
+        self.close_reason: str | None = None
+        self.conn_id = conn_id
+        self._idle_timeout = idle_timeout or math.inf
+        self._send_timeout = send_timeout or math.inf
+        self._lifetime_deadline = trio.current_time() + max_lifetime if max_lifetime else math.inf
+        self._linger_timeout = linger_timeout
+        self._tracer = tracer
+        self._phase = "idle"
+
+    def close(self, reason: str) -> None:
+        """Ask the connection to stop echoing and close gracefully; the first reason given wins."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.scope.cancel()
+
+    async def run(self) -> str:
+        """Echo until the session is done or the connection is closed; return the close reason.
+
+        The stream is closed on every path, after a lingering close unless the client already sent EOF.
+        Only cancellation from outside (a hard stop) propagates.
+        """
+        reason = "eof"
+        try:
+            with self.scope:
+                await self._pump()
+            if self.scope.cancelled_caught:
+                reason = self.close_reason or self._timeout_reason()
+        except trio.BrokenResourceError:
+            reason = "reset"
+        except trio.ClosedResourceError:
+            reason = self.close_reason or "error"
+        finally:
+            await self._finish(reason)
+        return reason
+
+    async def _pump(self) -> None:
+        session = self.session
+        stream = self.stream
+        tracer = self._tracer
+        while True:
+            step = session.next_step()
+            if step is Step.SEND:
+                self._arm(self._send_timeout, "send_timeout")
+                data = session.outgoing
+                await stream.send_all(data)
+                session.sent(len(data))
+                if tracer is not None and tracer.flags & Flag.DATA:
+                    tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, sent=len(data))
+            elif step is Step.RECEIVE:
+                self._arm(self._idle_timeout, "idle")
+                chunk = await stream.receive_some(session.receive_size)
+                session.received(chunk)
+                if tracer is not None and tracer.flags & Flag.DATA:
+                    tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, received=len(chunk))
+            elif step is Step.SEND_EOF:
+                self._arm(self._send_timeout, "send_timeout")
+                if isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+                session.sent_eof()
+            else:
+                return
+
+    def _arm(self, timeout: float, phase: str) -> None:
+        self._phase = phase
+        self.scope.deadline = min(trio.current_time() + timeout, self._lifetime_deadline)
+
+    def _timeout_reason(self) -> str:
+        return "lifetime" if trio.current_time() >= self._lifetime_deadline else self._phase
+
+    async def _finish(self, reason: str) -> None:
+        session = self.session
+        linger = self._linger_timeout if reason != "reset" and not session.eof_received else 0.0
+        if linger and not session.eof_sent:
+            session.sent_eof()  # close_gracefully shuts our write side first
+        await close_gracefully(self.stream, linger_timeout=linger, shut_write=True)
+
+
+async def close_gracefully(
+    stream: trio.abc.Stream, *, linger_timeout: float, shut_write: bool = True
+) -> None:
+    """Lingering close: shut our write side, read and discard until EOF or ``linger_timeout``, close.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy data the peer has
+    not read yet (our echo, a refusal text); draining first lets our FIN arrive behind the data.
+    ``linger_timeout`` 0 closes at once. The stream is closed on every path, even when cancelled.
+    """
+    try:
+        if linger_timeout:
+            with trio.move_on_after(linger_timeout):
+                if shut_write and isinstance(stream, trio.abc.HalfCloseableStream):
+                    await stream.send_eof()
+                while await stream.receive_some(LINGER_CHUNK):
+                    pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+        pass  # the peer is gone or the stream is unusable: closing is all that is left
+    finally:
+        # aclose closes the resource even when cancelled (a hard stop), just less politely.
+        with trio.move_on_after(linger_timeout):
+            await stream.aclose()
+
+
+async def refuse(stream: trio.abc.Stream, text: bytes, *, patience: float) -> None:
+    """Send ``text`` (may be empty) to a refused client, then close it gracefully, all within about
+    ``2 * patience`` seconds."""
+    try:
+        if text:
+            with trio.move_on_after(patience):
+                await stream.send_all(text)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    await close_gracefully(stream, linger_timeout=patience)

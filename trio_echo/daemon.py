@@ -1,0 +1,105 @@
+"""Running the server as a daemon: signals, descriptor limits, exit codes.
+
+SIGINT/SIGTERM begin the graceful drain; a second one closes everything at once (exit 1). SIGHUP is
+caught so that it does not kill the daemon; live reload is not part of this version yet and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import trio
+
+from .config import Config
+from .errors import SupervisorGaveUp
+from .server import EchoServer
+
+logger = logging.getLogger("trio_echo.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def raise_nofile_limit() -> int | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the limit now in force (None: no rlimit)."""
+    try:
+        import resource  # noqa: PLC0415 - not on Windows
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+async def serve_until_signalled(server: EchoServer) -> int:
+    """Run ``server`` until a signal stops it; return the process exit code."""
+    forced = False
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if hasattr(signal, "SIGHUP"):
+        handled.append(signal.SIGHUP)
+
+    async def watch(signals: AsyncIterator[int]) -> None:
+        nonlocal forced
+        stopping = False
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == getattr(signal, "SIGHUP", None):
+                logger.warning("%s: live reload is not supported by this version; restart to apply", name)
+            elif not stopping:
+                stopping = True
+                logger.info(
+                    "%s: draining (up to %g s); send it again to stop at once",
+                    name,
+                    server.config.limits.drain_timeout,
+                )
+                server.stop()
+            else:
+                logger.warning("%s again: closing every connection now", name)
+                forced = True
+                server.abort()
+
+    gave_up: list[BaseException] = []
+    try:
+        with trio.open_signal_receiver(*handled) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch, signals)
+                await server.run()
+                nursery.cancel_scope.cancel()
+    except* SupervisorGaveUp as group:
+        gave_up.extend(group.exceptions)
+    if gave_up:
+        logger.critical("%s", gave_up[0])
+        return EXIT_FAILURE
+    logger.info("stopped")
+    return EXIT_FAILURE if forced else EXIT_OK
+
+
+def run(config: Config) -> int:
+    """Raise descriptor limits, run the daemon in the foreground, return its exit code."""
+    limit = raise_nofile_limit()
+    max_connections = config.effective_max_connections(limit)
+    if config.limits.max_connections is not None and config.limits.max_connections > max_connections:
+        logger.warning(
+            "limits.max_connections = %d exceeds the open-file limit %s minus fd_reserve; using %d",
+            config.limits.max_connections,
+            limit,
+            max_connections,
+        )
+    if config.admin.listen:
+        logger.info("admin port %s: not served by this version yet", config.admin.listen)
+    server = EchoServer(config, max_connections=max_connections)
+    try:
+        return trio.run(serve_until_signalled, server)
+    except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAILURE

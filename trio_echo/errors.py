@@ -1,0 +1,49 @@
+"""The one exception tree of trio_echo (stdlib only).
+
+Every error trio_echo raises on purpose derives from :class:`TrioEchoError`. The CLI maps the tree to exit
+codes at a single boundary: :class:`ConfigError` and :class:`AddressError` are usage errors (exit 2),
+:class:`SupervisorGaveUp` is a runtime failure (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class TrioEchoError(Exception):
+    """Base class of every error trio_echo raises on purpose."""
+
+
+class ConfigError(TrioEchoError):
+    """A configuration value is missing, of the wrong type or out of range.
+
+    ``key`` is the dotted path of the offending key (``limits.idle_timeout``, ``server.listen[1]``) so
+    the one-line message can name it; ``value`` is the value as given.
+    """
+
+    def __init__(self, key: str, value: object, problem: str) -> None:
+        self.key = key
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{key} = {value!r}: {problem}" if key else problem)
+
+
+class AddressError(ValueError, TrioEchoError):
+    """An ADDR string (``HOST:PORT``, ``[V6]:PORT``, ``:PORT``, ``unix:/path``) is malformed."""
+
+
+class ListenerError(TrioEchoError):
+    """A listening socket could not be opened or adopted (port taken, stale path in use, ...)."""
+
+
+class SupervisorGaveUp(TrioEchoError):
+    """A supervisor exceeded its restart intensity and escalated.
+
+    Raised ``from`` the failure of the child that broke the budget, after every other child was stopped.
+    """
+
+    def __init__(self, child: str, max_restarts: int, period: float) -> None:
+        self.child = child
+        self.max_restarts = max_restarts
+        self.period = period
+        super().__init__(
+            f"supervisor gave up: child {child!r} failed more than {max_restarts} restarts in {period:g} s"
+        )

@@ -1,0 +1,50 @@
+"""The human log: level, text or JSON lines, stderr or a file (``[log]``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from .config import LogConfig
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def configure_logging(config: LogConfig) -> logging.Handler:
+    """Install the handler ``config`` describes on the root logger and return it.
+
+    On stderr under systemd (``JOURNAL_STREAM`` set) text lines carry no timestamp: journald adds its
+    own.
+    """
+    handler: logging.Handler
+    if config.file:
+        handler = logging.FileHandler(config.file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if config.format == "json":
+        handler.setFormatter(JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM") and not config.file:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level.upper())
+    return handler

@@ -1,0 +1,261 @@
+"""EchoServer: listeners as supervisor children, connections in a handler nursery, graceful drain.
+
+Structure (accept loops and handlers live in different nurseries, so stopping cancels accepting first
+and then gives handlers a deadline)::
+
+    run()
+      handler nursery ........ one task per connection, each in its own cancel scope, never restarted
+      accept nursery
+        Supervisor ........... one permanent child per listen entry: bind, then accept loops
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket as stdlib_socket
+import sys
+
+import trio
+
+from .addresses import format_sockaddr
+from .config import Config, ListenerConfig
+from .connection import Connection, refuse
+from .echo import EchoSession
+from .errors import SupervisorGaveUp
+from .events import Flag
+from .listeners import ListeningSocket, accept_loop, open_listeners
+from .restarts import Restart
+from .stats import Stats
+from .supervisor import ChildSpec, Supervisor
+from .trace import Tracer
+
+logger = logging.getLogger("trio_echo.server")
+
+# TCP keepalive on accepted sockets (PRODUCT.md): first probe after 60 s idle, then every 10 s, 5 probes.
+KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 5))
+
+
+class EchoServer:
+    """The echo daemon's core, usable as a library::
+
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(EchoServer(config).run)
+            print(server.addresses)      # e.g. ['127.0.0.1:40007', '[::]:40007']
+            ...
+            server.stop()                # graceful drain; run() returns when it is done
+
+    Args:
+        config: the validated configuration.
+        max_connections: the effective connection cap (see ``Config.effective_max_connections``);
+            default: the configured value, else unlimited.
+        tracer: where events go; default: a tracer with ``config.trace.flags`` logging to ``trio_echo``.
+    """
+
+    def __init__(
+        self, config: Config, *, max_connections: int | None = None, tracer: Tracer | None = None
+    ) -> None:
+        self.config = config
+        self.tracer = tracer or Tracer(config.trace.flags)
+        self.max_connections = max_connections or config.limits.max_connections or sys.maxsize
+        self.stats = Stats(started=0.0)
+        self.draining = False
+        self.supervisor = Supervisor(
+            [
+                ChildSpec(entry.label, functools.partial(self._listen, entry), Restart.PERMANENT)
+                for entry in config.server.listen
+            ],
+            max_restarts=config.supervisor.max_restarts,
+            period=config.supervisor.period,
+            backoff_initial=config.supervisor.backoff_initial,
+            backoff_max=config.supervisor.backoff_max,
+            tracer=self.tracer,
+        )
+        self._greeting = config.server.greeting.encode()
+        self._farewell = config.server.farewell.encode()
+        self._refusal = config.limits.refusal.encode()
+        self._handlers: trio.Nursery | None = None
+        self._stop = trio.Event()
+        self._quiet = trio.Event()
+        self._hard_stop = trio.CancelScope()
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every address bound right now, e.g. ``['127.0.0.1:40007', '[::]:40007', 'unix:/run/e.sock']``."""
+        bound: list[str] = []
+        for name in self.supervisor.names:
+            value = self.supervisor.value(name)
+            if isinstance(value, list):
+                bound.extend(value)
+        return bound
+
+    def stop(self) -> None:
+        """Begin the graceful drain (idempotent; safe to call before ``run`` has started)."""
+        self._stop.set()
+
+    def abort(self) -> None:
+        """Close everything at once (a second signal); ``run`` returns promptly."""
+        self._stop.set()
+        self._hard_stop.cancel()
+
+    def close_connection(self, conn_id: int, reason: str = "admin") -> bool:
+        """Close one connection gracefully; False if no such connection is open."""
+        info = self.stats.connections.get(conn_id)
+        if info is None or info.closer is None:
+            return False
+        info.closer(reason)
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[EchoServer] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`stop` (then drain) or :meth:`abort`.
+
+        Reports started (with this server) once every listener has bound or failed its first attempt;
+        :attr:`addresses` then lists what is bound.
+
+        Raises:
+            SupervisorGaveUp: listeners kept failing beyond the restart budget; open connections were
+                drained first.
+        """
+        self.stats = Stats(started=trio.current_time())
+        gave_up: SupervisorGaveUp | None = None
+        with self._hard_stop:
+            async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                try:
+                    async with trio.open_nursery() as accepting:
+                        await accepting.start(self.supervisor.run)
+                        self.tracer.emit(Flag.INFO, "server.ready", listeners=self.addresses)
+                        task_status.started(self)
+                        await self._stop.wait()
+                        accepting.cancel_scope.cancel()
+                except* SupervisorGaveUp as group:
+                    gave_up = _single(group)
+                await self._drain()
+        self._handlers = None
+        self.tracer.emit(Flag.INFO, "server.stopped", connections=self.stats.total)
+        if gave_up is not None:
+            raise gave_up
+
+    async def _drain(self) -> None:
+        self.draining = True
+        active = self.stats.active
+        self.tracer.emit(
+            Flag.INFO, "server.draining", active=active, timeout=self.config.limits.drain_timeout
+        )
+        if active:
+            with trio.move_on_after(self.config.limits.drain_timeout):
+                await self._quiet.wait()
+        for info in list(self.stats.connections.values()):
+            if info.closer is not None:
+                info.closer("drain")
+        # Leaving the handler nursery waits for those closes, each bounded by linger_timeout.
+
+    # -- listeners (supervisor children) --------------------------------------------------------------
+
+    async def _listen(self, entry: ListenerConfig, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        sockets = await open_listeners(
+            entry.address,
+            backlog=entry.backlog or self.config.server.backlog,
+            socket_buffer=self.config.limits.socket_buffer,
+        )
+        try:
+            names = [item.name for item in sockets]
+            for name in names:
+                logger.info("listening on %s (%s)", name, entry.label)
+            self.tracer.emit(Flag.INFO, "listener.up", listener=entry.label, addresses=names)
+            task_status.started(names)
+            async with trio.open_nursery() as nursery:
+                for item in sockets:
+                    nursery.start_soon(accept_loop, item, functools.partial(self._accepted, entry, item))
+        finally:
+            for item in sockets:
+                item.close()
+            self.tracer.emit(Flag.INFO, "listener.down", listener=entry.label)
+
+    def _accepted(
+        self, entry: ListenerConfig, listener: ListeningSocket, sock: trio.socket.SocketType, peer: object
+    ) -> None:
+        assert self._handlers is not None
+        if sock.family != stdlib_socket.AF_UNIX:
+            _configure_accepted(sock, keepalive=self.config.limits.keepalive)
+        stream = trio.SocketStream(sock)  # sets TCP_NODELAY on TCP sockets
+        peer_name = format_sockaddr(peer) if peer else listener.name
+        if self.stats.active >= self.max_connections:
+            self._handlers.start_soon(self._refuse, stream, entry.label, peer_name, "max_connections")
+            return
+        self._handlers.start_soon(self._serve, stream, entry.label, peer_name)
+
+    # -- connections (handler nursery) ----------------------------------------------------------------
+
+    async def _serve(self, stream: trio.abc.Stream, listener: str, peer: str) -> None:
+        limits = self.config.limits
+        session = EchoSession(limits.buffer_size, self._greeting, self._farewell)
+        now = trio.current_time()
+        info = self.stats.open(peer=peer, listener=listener, now=now, session=session)
+        conn = Connection(
+            stream,
+            session,
+            idle_timeout=limits.idle_timeout,
+            send_timeout=limits.send_timeout,
+            max_lifetime=limits.max_lifetime,
+            linger_timeout=limits.linger_timeout,
+            tracer=self.tracer,
+            conn_id=info.id,
+        )
+        info.closer = conn.close
+        if self.draining:
+            conn.close("drain")
+        tracer = self.tracer
+        if tracer.flags & Flag.CONN:
+            tracer.emit(Flag.CONN, "conn.open", conn_id=info.id, peer=peer, listener=listener)
+        reason = "error"
+        try:
+            reason = await conn.run()
+        except Exception:
+            # A bug hit by one client must not take down the others: log it, close this one only.
+            logger.exception("connection %d from %s failed", info.id, peer)
+        finally:
+            self.stats.close(info, reason)
+            if tracer.flags & Flag.CONN:
+                tracer.emit(
+                    Flag.CONN,
+                    "conn.close",
+                    conn_id=info.id,
+                    peer=peer,
+                    listener=listener,
+                    bytes_in=session.bytes_in,
+                    bytes_out=session.bytes_out,
+                    duration=round(trio.current_time() - now, 6),
+                    reason=reason,
+                )
+            if self.draining and not self.stats.connections:
+                self._quiet.set()
+
+    async def _refuse(self, stream: trio.abc.Stream, listener: str, peer: str, reason: str) -> None:
+        self.stats.refuse(reason)
+        if self.tracer.flags & Flag.CONN:
+            self.tracer.emit(Flag.CONN, "conn.refused", peer=peer, listener=listener, reason=reason)
+        # Bounded so a flood of refused clients cannot pin tasks: at most ~2 s each.
+        await refuse(stream, self._refusal, patience=min(self.config.limits.linger_timeout, 1.0) or 1.0)
+
+
+def _configure_accepted(sock: trio.socket.SocketType, *, keepalive: bool) -> None:
+    if not keepalive:
+        return
+    try:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE, 1)
+        for name, value in KEEPALIVE_OPTIONS:
+            option = getattr(stdlib_socket, name, None)
+            if option is not None:
+                sock.setsockopt(stdlib_socket.IPPROTO_TCP, option, value)
+    except OSError:
+        pass  # the peer may already be gone; the pump will find out
+
+
+def _single(group: BaseExceptionGroup[SupervisorGaveUp]) -> SupervisorGaveUp:
+    for exc in group.exceptions:
+        if isinstance(exc, SupervisorGaveUp):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            return _single(exc)
+    raise group  # pragma: no cover - except* only passes groups holding one

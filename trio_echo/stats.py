@@ -1,0 +1,106 @@
+"""Counters and the live connection table (pure).
+
+The pump never touches this module per chunk: a connection's byte counts live in its
+:class:`~trio_echo.echo.EchoSession` and are read here on demand, and closed connections fold theirs
+into the totals once. Readers (admin channel, metrics, systemd STATUS) take :meth:`Stats.snapshot`.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+import attrs
+
+from .echo import EchoSession
+
+
+@attrs.define(eq=False, slots=True)
+class ConnectionInfo:
+    """One live connection. ``closer(reason)`` asks its task to close it (admin kick, drain)."""
+
+    id: int
+    peer: str
+    listener: str
+    opened: float
+    session: EchoSession
+    closer: Callable[[str], None] | None = None
+
+    @property
+    def bytes_in(self) -> int:
+        return self.session.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self.session.bytes_out
+
+
+@attrs.define
+class ListenerStats:
+    active: int = 0
+    total: int = 0
+
+
+@attrs.define
+class Stats:
+    """Everything counted since start. ``now`` values come from the caller's clock."""
+
+    started: float
+    connections: dict[int, ConnectionInfo] = attrs.field(factory=dict)
+    listeners: dict[str, ListenerStats] = attrs.field(factory=lambda: collections.defaultdict(ListenerStats))
+    total: int = 0
+    closed: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    closed_bytes_in: int = 0
+    closed_bytes_out: int = 0
+    _next_id: int = 1
+
+    def open(self, *, peer: str, listener: str, now: float, session: EchoSession) -> ConnectionInfo:
+        """Register a new connection and return its table entry (ids start at 1, never reused)."""
+        info = ConnectionInfo(self._next_id, peer, listener, now, session)
+        self._next_id += 1
+        self.connections[info.id] = info
+        self.total += 1
+        counts = self.listeners[listener]
+        counts.active += 1
+        counts.total += 1
+        return info
+
+    def close(self, info: ConnectionInfo, reason: str) -> None:
+        """Remove a connection from the table, folding its bytes into the totals."""
+        if self.connections.pop(info.id, None) is None:
+            return
+        self.closed[reason] += 1
+        self.closed_bytes_in += info.bytes_in
+        self.closed_bytes_out += info.bytes_out
+        self.listeners[info.listener].active -= 1
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
+
+    @property
+    def active(self) -> int:
+        return len(self.connections)
+
+    @property
+    def bytes_in(self) -> int:
+        return self.closed_bytes_in + sum(c.bytes_in for c in self.connections.values())
+
+    @property
+    def bytes_out(self) -> int:
+        return self.closed_bytes_out + sum(c.bytes_out for c in self.connections.values())
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """Live counts in the shape of the admin ``stats`` message (without its ``type``)."""
+        return {
+            "connections": {
+                "active": self.active,
+                "total": self.total,
+                "refused": sum(self.refused.values()),
+            },
+            "bytes": {"in": self.bytes_in, "out": self.bytes_out},
+            "listeners": [
+                {"address": name, "active": counts.active} for name, counts in self.listeners.items()
+            ],
+            "uptime": max(0.0, now - self.started),
+        }
