@@ -263,11 +263,19 @@ class Supervisor:
         for child in list(self._children.values()):
             self._launch(child)
 
-    def _note_restart(self, child: _Child, delay: float) -> None:
+    def _note_restart(self, child: _Child, delay: float, cause: _Exit) -> None:
         child.restarts += 1
         logger.info("restarting %s in %.3g s", child.spec.name, delay)
         if self._tracer is not None:
-            self._tracer.emit(Flag.INFO, "supervisor.restart", child=child.spec.name, delay=round(delay, 6))
+            self._tracer.emit(
+                Flag.INFO,
+                "supervisor.restart",
+                child=child.spec.name,
+                delay=round(delay, 6),
+                cause=cause.child.spec.name,
+                exit=cause.kind.value,
+                message=_describe(cause.error),
+            )
 
     def _log_exit(self, exit_: _Exit) -> None:
         name = exit_.child.spec.name
