@@ -27,6 +27,20 @@ from .events import DEFAULT_FLAGS, Flag, format_flags, parse_flags
 
 # Transports this version serves; the address grammar already knows tls:// and udp:// (PRODUCT.md).
 SUPPORTED_TRANSPORTS = ("tcp",)
+# Keys of the contract (PRODUCT.md) that this version parses but does not act on yet: setting them is an
+# error rather than silently ignored.
+RESERVED_KEYS = (
+    ("limits", "max_connections_per_ip"),
+    ("limits", "allow"),
+    ("limits", "deny"),
+    ("limits", "max_connect_rate_per_ip"),
+    ("limits", "max_bytes_per_second"),
+    ("trace", "file"),
+    ("trace", "file_max_bytes"),
+    ("tls", "cert_file"),
+    ("tls", "key_file"),
+    ("tls", "client_ca_file"),
+)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FALLBACK_MAX_CONNECTIONS = 4096  # PRODUCT.md: where there is no RLIMIT_NOFILE (Windows)
 
@@ -274,6 +288,13 @@ class Config:
     admin: AdminConfig = AdminConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     tls: TlsConfig = TlsConfig()
+
+    def __attrs_post_init__(self) -> None:
+        for section, key in RESERVED_KEYS:
+            value = getattr(getattr(self, section), key)
+            default = attrs.fields_dict(type(getattr(self, section)))[key].default
+            if value != default:
+                raise ConfigError(f"{section}.{key}", value, "is not supported by this version yet")
 
     def effective_max_connections(self, nofile_limit: int | None) -> int:
         """``limits.max_connections`` with its default filled in and clamped to what fds allow.

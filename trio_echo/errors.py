@@ -40,10 +40,12 @@ class SupervisorGaveUp(TrioEchoError):
     Raised ``from`` the failure of the child that broke the budget, after every other child was stopped.
     """
 
-    def __init__(self, child: str, max_restarts: int, period: float) -> None:
+    def __init__(self, child: str, max_restarts: int, period: float, last_failure: str = "") -> None:
         self.child = child
         self.max_restarts = max_restarts
         self.period = period
+        because = f"; last failure: {last_failure}" if last_failure else ""
         super().__init__(
-            f"supervisor gave up: child {child!r} failed more than {max_restarts} restarts in {period:g} s"
+            f"supervisor gave up: child {child!r} needed more than {max_restarts} restarts "
+            f"in {period:g} s{because}"
         )

@@ -170,6 +170,13 @@ class Supervisor:
         await child.first_attempt.wait()
         return self.value(spec.name)
 
+    def cancel_child(self, name: str) -> None:
+        """Cancel child ``name``'s current run; it exits ``cancelled`` and its restart type decides
+        (OTP's ``exit(Child, shutdown)``: a permanent child comes back, the others do not)."""
+        child = self._children[name]
+        if child.running and child.scope is not None:
+            child.scope.cancel()
+
     async def terminate_child(self, name: str) -> None:
         """Stop child ``name`` for good (it is not restarted) and wait until it has exited."""
         child = self._children.pop(name)
@@ -193,9 +200,11 @@ class Supervisor:
         child.running = True
         child.done = trio.Event()
         child.value = None
-        self._nursery.start_soon(self._run_child, child, child.generation, child.scope)
+        self._nursery.start_soon(self._run_child, child, child.generation, child.scope, child.done)
 
-    async def _run_child(self, child: _Child, generation: int, scope: trio.CancelScope) -> None:
+    async def _run_child(
+        self, child: _Child, generation: int, scope: trio.CancelScope, done: trio.Event
+    ) -> None:
         kind, error = ExitKind.NORMAL, None
         try:
             with scope:
@@ -210,7 +219,7 @@ class Supervisor:
             if child.generation == generation:
                 child.running = False
                 child.value = None
-                child.done.set()
+            done.set()
         self._exits_send.send_nowait(_Exit(child, generation, kind, error))
 
     async def _supervise(self) -> tuple[SupervisorGaveUp, BaseException | None] | None:
@@ -227,7 +236,10 @@ class Supervisor:
             now = trio.current_time()
             if not self._intensity.allow(now):
                 error = SupervisorGaveUp(
-                    child.spec.name, self._intensity.max_restarts, self._intensity.period
+                    child.spec.name,
+                    self._intensity.max_restarts,
+                    self._intensity.period,
+                    _describe(exit_.error) if exit_.error is not None else f"exited {exit_.kind.value}",
                 )
                 logger.error("%s", error)
                 return error, exit_.error

@@ -1,0 +1,189 @@
+import re
+import tomllib
+
+import attrs
+import pytest
+
+from trio_echo.addresses import Address
+from trio_echo.config import (
+    Config,
+    LimitsConfig,
+    ListenerConfig,
+    config_from_mapping,
+    config_from_toml,
+    config_to_toml,
+    with_overrides,
+)
+from trio_echo.errors import ConfigError
+from trio_echo.events import Flag
+
+
+def test_defaults_match_the_product_contract() -> None:
+    config = Config()
+    assert [str(e.address) for e in config.server.listen] == [":40007"]
+    assert config.server.backlog == 4096
+    assert config.limits.idle_timeout == 300.0
+    assert config.limits.send_timeout == 60.0
+    assert config.limits.drain_timeout == 20.0
+    assert config.limits.linger_timeout == 5.0
+    assert config.limits.buffer_size == 65536
+    assert config.limits.fd_reserve == 64
+    assert config.trace.flags == Flag.ERROR | Flag.INFO
+    assert config.admin.listen == "127.0.0.1:40008"
+    assert config.supervisor.max_restarts == 5
+
+
+def test_full_file_parses() -> None:
+    config = config_from_toml(
+        """
+        [server]
+        listen = [":0", "[::1]:7", { address = "unix:/tmp/s", name = "local", backlog = 8 }]
+        greeting = "hello\\n"
+        farewell = "bye\\n"
+        [limits]
+        idle_timeout = 3
+        max_connections = 100
+        keepalive = false
+        [trace]
+        flags = "0x5"
+        [supervisor]
+        backoff_initial = 1
+        backoff_max = 1
+        """
+    )
+    assert config.server.listen[2] == ListenerConfig(Address(path="/tmp/s"), name="local", backlog=8)
+    assert config.server.listen[2].label == "local"
+    assert config.server.listen[1].label == "[::1]:7"
+    assert config.server.farewell == "bye\n"
+    assert config.limits.idle_timeout == 3.0
+    assert isinstance(config.limits.idle_timeout, float)
+    assert config.trace.flags == Flag.ERROR | Flag.CONN
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[limits]\nidle_timeout = -1", "limits.idle_timeout = -1.0: must be >= 0"),
+        ("[limits]\nidle_timeout = 'soon'", "limits.idle_timeout = 'soon': expected a number of seconds"),
+        ("[limits]\nidle_timeout = inf", "limits.idle_timeout = inf: must be a finite number"),
+        ("[limits]\nbuffer_size = 0", "limits.buffer_size = 0: must be > 0"),
+        ("[limits]\nbuffer_size = 1.5", "limits.buffer_size = 1.5: expected an integer"),
+        ("[limits]\nmax_connections = 0", "limits.max_connections = 0: must be > 0"),
+        ("[limits]\nkeepalive = 1", "limits.keepalive = 1: expected true or false"),
+        ("[limits]\nallow = ['nope']", "limits.allow[0] = 'nope': is not a CIDR"),
+        ("[limits]\ndeny = '10.0.0.0/8'", "limits.deny = '10.0.0.0/8': expected a list"),
+        ("[limits]\nbogus = 1", "limits.bogus = 1: unknown key"),
+        ("[limits]\nidle_timeout = true", "limits.idle_timeout = True: expected a number"),
+        ("[nonsense]\na = 1", "nonsense = {'a': 1}: unknown section"),
+        ("limits = 3", "limits = 3: expected a table"),
+        (
+            "[limits]\nallow = ['10.0.0.0/8']",
+            "limits.allow = ('10.0.0.0/8',): is not supported by this version",
+        ),
+        ("[limits]\nmax_bytes_per_second = 5", "limits.max_bytes_per_second = 5: is not supported"),
+        ("[tls]\ncert_file = 'c.pem'", "tls.cert_file = 'c.pem': is not supported"),
+        ("[server]\nlisten = ['1.2.3.4:70000']", "server.listen[0] = '1.2.3.4:70000':"),
+        ("[server]\nlisten = ['nohost']", "server.listen[0] = 'nohost':"),
+        ("[server]\nlisten = []", "server.listen = []: needs at least one address"),
+        ("[server]\nlisten = [':1', ':1']", "server.listen[1] = ':1': is listed twice"),
+        (
+            "[server]\nlisten = ['tls://:1']",
+            "server.listen[0] = 'tls://:1': transport 'tls' is not supported",
+        ),
+        ("[server]\nlisten = [7]", "server.listen[0] = 7: expected an ADDR string or a table"),
+        ("[server]\nlisten = [{ name = 'x' }]", "server.listen[0].address = None: a listen table needs"),
+        ("[server]\nlisten = [{ address = 7 }]", "server.listen[0].address = 7: expected an ADDR string"),
+        ("[server]\nlisten = [{ address = ':1', x = 2 }]", "server.listen[0].x = 2: unknown key"),
+        ("[server]\nlisten = [{ address = ':1', backlog = 0 }]", "server.listen[0].backlog = 0: must be > 0"),
+        ("[server]\nbacklog = 70000", "server.backlog = 70000: must be <= 65535"),
+        ("[server]\ngreeting = 5", "server.greeting = 5: expected a string"),
+        ("[trace]\nflags = 'loud'", "trace.flags = 'loud': unknown trace flag 'loud'"),
+        ("[trace]\nflags = 64", "trace.flags = 64: flag value 0x40 out of range"),
+        ("[log]\nlevel = 'chatty'", "log.level = 'chatty': must be one of"),
+        ("[log]\nformat = 'xml'", "log.format = 'xml': must be one of"),
+        ("[admin]\nlisten = 'udp://:1'", "admin.listen = 'udp://:1': the admin port speaks plain HTTP"),
+        ("[admin]\nlisten = 'x:y'", "admin.listen = 'x:y':"),
+        ("[admin]\nstats_interval = 0", "admin.stats_interval = 0.0: must be > 0"),
+        ("[supervisor]\nperiod = 0", "supervisor.period = 0.0: must be > 0"),
+        ("[supervisor]\nbackoff_max = 0.01", "supervisor.backoff_max = 0.01: must be >= backoff_initial"),
+        ("[tls]\nmin_version = '1.0'", "tls.min_version = '1.0': must be one of"),
+        ("[limits\n", "invalid TOML"),
+    ],
+)
+def test_every_error_names_key_and_value(toml: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        config_from_toml(toml)
+    assert "\n" not in str(info.value)
+
+
+def test_construction_validates_too() -> None:
+    with pytest.raises(ConfigError, match="linger_timeout"):
+        LimitsConfig(linger_timeout=-1)
+
+
+def test_effective_toml_round_trips() -> None:
+    config = config_from_toml(
+        '[server]\nlisten = [":0", { address = "unix:/tmp/x", name = "u" }]\ngreeting = "a\\"b\\n\\u0001"\n'
+        "[trace]\nflags = 5\n[limits]\nfd_reserve = 3"
+    )
+    text = config_to_toml(config, max_connections=1234)
+    data = tomllib.loads(text)
+    assert data["limits"]["max_connections"] == 1234
+    assert data["trace"]["flags"] == "error,conn"
+    again = config_from_mapping(data)
+    assert again == attrs.evolve(config, limits=attrs.evolve(config.limits, max_connections=1234))
+
+
+def test_every_key_is_printed() -> None:
+    data = tomllib.loads(config_to_toml(Config(), max_connections=10))
+    for section in ("server", "limits", "trace", "log", "admin", "supervisor", "tls"):
+        fields = attrs.fields(type(getattr(Config(), section)))
+        assert set(data[section]) == {f.name for f in fields}
+
+
+def test_shipped_example_config_is_valid_and_complete() -> None:
+    with open("configs/trio-echo.toml", encoding="utf-8") as file:
+        text = file.read()
+    config_from_toml(text)
+    for section in ("server", "limits", "trace", "log", "admin", "supervisor", "tls"):
+        for field in attrs.fields(type(getattr(Config(), section))):
+            assert re.search(rf"^#? ?{field.name} = ", text, re.M), f"{section}.{field.name} undocumented"
+
+
+@pytest.mark.parametrize(
+    ("nofile", "configured", "reserve", "expected"),
+    [
+        (20000, None, 64, 19936),
+        (20000, 100, 64, 100),
+        (20000, 50000, 64, 19936),
+        (None, None, 64, 4096),
+        (None, 10, 64, 10),
+        (10, None, 64, 1),
+    ],
+)
+def test_effective_max_connections(
+    nofile: int | None, configured: int | None, reserve: int, expected: int
+) -> None:
+    config = Config(limits=LimitsConfig(max_connections=configured, fd_reserve=reserve))
+    assert config.effective_max_connections(nofile) == expected
+
+
+def test_cli_overrides() -> None:
+    config = with_overrides(Config(), listen=["127.0.0.1:1", "unix:/tmp/s"], admin="off")
+    assert [str(e.address) for e in config.server.listen] == ["127.0.0.1:1", "unix:/tmp/s"]
+    assert config.admin.listen == ""
+    assert with_overrides(config).server.listen == config.server.listen
+    assert with_overrides(Config(), admin="127.0.0.1:0").admin.listen == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"listen": ["nope"]}, "--listen = 'nope'"),
+        ({"listen": [":1", ":1"]}, "--listen = ':1': is listed twice"),
+        ({"admin": "x"}, "--admin = 'x'"),
+    ],
+)
+def test_cli_override_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        with_overrides(Config(), **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,200 @@
+"""The pump over in-memory streams, with MockClock for every timeout."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from trio_echo.connection import Connection, close_gracefully, refuse
+from trio_echo.echo import EchoSession
+from trio_echo.events import Event, Flag
+from trio_echo.trace import Tracer
+
+
+async def read_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return bytes(data)
+
+
+def connection(
+    stream: trio.abc.Stream, *, size: int = 16, greeting: bytes = b"", farewell: bytes = b"", **kw: float
+) -> Connection:
+    return Connection(stream, EchoSession(size, greeting, farewell), **kw)  # type: ignore[arg-type]
+
+
+async def test_echo_half_close_and_farewell() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    conn = connection(server, greeting=b"hello\n", farewell=b"bye\n")
+    async with trio.open_nursery() as nursery:
+        reasons: list[str] = []
+
+        async def run() -> None:
+            reasons.append(await conn.run())
+
+        nursery.start_soon(run)
+        with trio.fail_after(5):
+            for chunk in (b"one", b"two" * 20, b"3"):
+                await client.send_all(chunk)
+            await client.send_eof()
+            assert await read_until_eof(client) == b"hello\none" + b"two" * 20 + b"3bye\n"
+    assert reasons == ["eof"]
+    assert conn.session.bytes_in == 64
+    assert conn.session.bytes_out == 6 + 64 + 4
+
+
+async def test_backpressure_bounds_what_is_held(autojump_clock: trio.testing.MockClock) -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    conn = connection(server, size=8)
+    payload = bytes(range(256)) * 4
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run)
+        nursery.start_soon(client.send_all, payload)
+        await trio.testing.wait_all_tasks_blocked()
+        # The client does not read: the pump read one buffer and stopped reading.
+        assert conn.session.bytes_in == 8
+        assert conn.session.unsent == 8
+        await trio.sleep(10)
+        assert conn.session.bytes_in == 8
+        received = bytearray()
+        while len(received) < len(payload):
+            received += await client.receive_some(100)
+            assert conn.session.bytes_in - conn.session.bytes_out <= 8
+        assert received == payload
+        await client.send_eof()
+        assert await client.receive_some(10) == b""
+
+
+@pytest.mark.parametrize(
+    ("kw", "client_sends", "reason", "closed_at"),
+    [
+        # no byte either way for idle_timeout; then linger_timeout waiting for the silent client
+        ({"idle_timeout": 10, "linger_timeout": 2}, b"", "idle", 12),
+        # the lifetime cap wins over a longer idle timeout
+        ({"idle_timeout": 10, "max_lifetime": 4, "linger_timeout": 2}, b"", "lifetime", 6),
+        # linger 0: close at once
+        ({"idle_timeout": 10}, b"", "idle", 10),
+        # activity re-arms the idle timer: the client's byte at t=0 counts
+        ({"idle_timeout": 10}, b"x", "idle", 10),
+    ],
+)
+async def test_timeouts(
+    autojump_clock: trio.testing.MockClock,
+    kw: dict[str, float],
+    client_sends: bytes,
+    reason: str,
+    closed_at: float,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    conn = connection(server, **kw)
+    if client_sends:
+        await client.send_all(client_sends)
+    assert await conn.run() == reason
+    assert trio.current_time() == closed_at
+    assert await read_until_eof(client) == client_sends
+
+
+async def test_idle_timer_restarts_after_each_chunk(autojump_clock: trio.testing.MockClock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    conn = connection(server, idle_timeout=10)
+    async with trio.open_nursery() as nursery:
+        result: list[str] = []
+
+        async def run() -> None:
+            result.append(await conn.run())
+
+        nursery.start_soon(run)
+        for _ in range(5):
+            await trio.sleep(9)
+            await client.send_all(b"ping")
+            assert await client.receive_some(10) == b"ping"
+    assert result == ["idle"]
+    assert trio.current_time() == 45 + 10
+
+
+async def test_send_timeout_when_the_client_stops_reading(autojump_clock: trio.testing.MockClock) -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    conn = connection(server, size=4, idle_timeout=100, send_timeout=7, linger_timeout=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, b"abcdefgh")
+        assert await conn.run() == "send_timeout"
+        assert trio.current_time() == 7 + 1
+        nursery.cancel_scope.cancel()
+    assert conn.session.bytes_in == 4  # memory stayed bounded while the client did not read
+
+
+async def test_close_from_outside_lingers_then_closes(autojump_clock: trio.testing.MockClock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    conn = connection(server, idle_timeout=100, linger_timeout=3)
+    async with trio.open_nursery() as nursery:
+        result: list[str] = []
+
+        async def run() -> None:
+            result.append(await conn.run())
+
+        nursery.start_soon(run)
+        await client.send_all(b"data")
+        assert await client.receive_some(10) == b"data"
+        conn.close("drain")
+        conn.close("admin")  # the first reason wins
+        # Our FIN arrives; input sent after it is read and discarded, not answered with RST.
+        assert await client.receive_some(10) == b""
+        await client.send_all(b"late input")
+        await client.send_eof()
+    assert result == ["drain"]
+    assert trio.current_time() == 0  # the client's EOF ended the linger early
+
+
+async def test_peer_reset_is_reason_reset() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    conn = connection(server)
+    await client.send_all(b"x")
+    await client.receive_stream.aclose()  # sending to it now fails: BrokenResourceError
+    with trio.fail_after(5):
+        assert await conn.run() == "reset"
+
+
+async def test_hard_cancel_still_closes_the_stream() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    conn = connection(server, idle_timeout=100, linger_timeout=100)
+    with trio.move_on_after(0.01):
+        await conn.run()
+    with trio.fail_after(5):
+        assert await read_until_eof(client) == b""
+    with pytest.raises(trio.BrokenResourceError):
+        await client.send_all(b"x")
+
+
+async def test_data_events_only_when_flag_on() -> None:
+    events: list[Event] = []
+    tracer = Tracer(Flag.ERROR)
+    tracer.add_sink(events.append)
+    client, server = trio.testing.memory_stream_pair()
+    conn = Connection(server, EchoSession(16), tracer=tracer, conn_id=7)
+    await client.send_all(b"ab")
+    await client.send_eof()
+    tracer.flags |= Flag.DATA
+    with trio.fail_after(5):
+        await conn.run()
+    assert [e.fields for e in events] == [
+        {"conn_id": 7, "received": 2},
+        {"conn_id": 7, "sent": 2},
+        {"conn_id": 7, "received": 0},
+    ]
+
+
+async def test_refusal_text_then_lingering_close(autojump_clock: trio.testing.MockClock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(b"unread input")
+    await refuse(server, b"busy\n", patience=1.0)
+    assert await read_until_eof(client) == b"busy\n"
+    assert trio.current_time() == 1.0  # waited linger for a client that never half-closed
+
+
+async def test_close_gracefully_without_linger_is_immediate(autojump_clock: trio.testing.MockClock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    await close_gracefully(server, linger_timeout=0)
+    assert trio.current_time() == 0
+    assert await client.receive_some(1) == b""
