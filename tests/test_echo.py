@@ -6,7 +6,7 @@ from trio_echo.echo import EchoSession, Step
 def drive(session: EchoSession, chunks: list[bytes], *, send_limit: int | None = None) -> bytes:
     """Run a session to completion against a scripted client; return everything it sent."""
     out = bytearray()
-    pending = list(chunks) + [b""]
+    pending = [*chunks, b""]
     while (step := session.next_step()) is not Step.DONE:
         if step is Step.SEND:
             view = session.outgoing
@@ -40,7 +40,8 @@ def test_echo_order_with_greeting_and_farewell(
     assert drive(session, chunks) == expected
     assert session.bytes_in == sum(map(len, chunks))
     assert session.bytes_out == len(expected)
-    assert session.eof_received and session.eof_sent
+    assert session.eof_received
+    assert session.eof_sent
 
 
 @pytest.mark.parametrize("send_limit", [1, 3, 7, 100])

@@ -89,7 +89,10 @@ async def test_backoff_doubles_and_the_sixth_failure_escalates(
 ) -> None:
     child = Script("flaky", ["error"] * 10)
     sup = supervisor(ChildSpec("flaky", child))
-    with pytest.raises(SupervisorGaveUp, match="'flaky' needed more than 5 restarts in 60 s; last failure: ValueError: flaky run 5 failed") as info:
+    with pytest.raises(
+        SupervisorGaveUp,
+        match="'flaky' needed more than 5 restarts in 60 s; last failure: ValueError: flaky run 5 failed",
+    ) as info:
         await sup.run()
     # each run lasts 1 s, then waits 0.1, 0.2, 0.4, 0.8, 1.6
     assert child.starts == pytest.approx([0, 1.1, 2.3, 3.7, 5.5, 8.1])
