@@ -49,9 +49,14 @@ async def test_backpressure_bounds_what_is_held(autojump_clock: trio.testing.Moc
     client, server = trio.testing.lockstep_stream_pair()
     conn = connection(server, size=8)
     payload = bytes(range(256)) * 4
+
+    async def send_then_half_close() -> None:
+        await client.send_all(payload)
+        await client.send_eof()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
-        nursery.start_soon(client.send_all, payload)
+        nursery.start_soon(send_then_half_close)
         await trio.testing.wait_all_tasks_blocked()
         # The client does not read: the pump read one buffer and stopped reading.
         assert conn.session.bytes_in == 8
@@ -63,7 +68,6 @@ async def test_backpressure_bounds_what_is_held(autojump_clock: trio.testing.Moc
             received += await client.receive_some(100)
             assert conn.session.bytes_in - conn.session.bytes_out <= 8
         assert received == payload
-        await client.send_eof()
         assert await client.receive_some(10) == b""
 
 

@@ -240,3 +240,46 @@ async def test_abort_stops_at_once() -> None:
             server.stop()
             server.abort()
         await stream.aclose()
+
+
+async def test_drain_deadline_exactly_over_memory_streams(autojump_clock: trio.testing.MockClock) -> None:
+    """drain_timeout, then every remaining connection closed gracefully, each linger bounded."""
+    config = make_config(
+        server={"listen": ["127.0.0.1:0"]},
+        limits={"drain_timeout": 20, "linger_timeout": 5, "idle_timeout": 0},
+    )
+    server = EchoServer(config)
+    finished = trio.Event()
+    polite, polite_end = trio.testing.memory_stream_pair()
+    silent, silent_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        server.serve_stream(polite_end, peer="polite")
+        server.serve_stream(silent_end, peer="silent")
+        await polite.send_all(b"hi")
+        assert await polite.receive_some(10) == b"hi"
+
+        async def polite_client() -> None:
+            # finishes on its own during the drain: half-close at t=10, get EOF back
+            await trio.sleep(10)
+            await polite.send_eof()
+            assert await polite.receive_some(10) == b""
+            finished.set()
+
+        nursery.start_soon(polite_client)
+        server.stop()
+        await finished.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == 10
+        assert server.stats.active == 1
+        # the silent client: FIN at the drain deadline, then we linger 5 s for its EOF, then close
+        assert await silent.receive_some(10) == b""
+        assert trio.current_time() == 20
+    assert trio.current_time() == 25
+    assert server.stats.closed == {"eof": 1, "drain": 1}
+
+
+async def test_serve_stream_needs_a_running_server() -> None:
+    _client, end = trio.testing.memory_stream_pair()
+    with pytest.raises(RuntimeError, match="running server"):
+        EchoServer(make_config()).serve_stream(end)

@@ -98,6 +98,16 @@ class EchoServer:
         self._stop.set()
         self._hard_stop.cancel()
 
+    def serve_stream(
+        self, stream: trio.abc.Stream, *, peer: str = "memory", listener: str = "memory"
+    ) -> None:
+        """Serve an already-connected stream (an in-memory pair end, a wrapped socket) exactly like an
+        accepted connection: same limits, table entry, drain. Only while :meth:`run` is running.
+        The server owns the stream from here on and closes it."""
+        if self._handlers is None:
+            raise RuntimeError("serve_stream needs a running server")
+        self._handlers.start_soon(self._serve, stream, listener, peer)
+
     def close_connection(self, conn_id: int, reason: str = "admin") -> bool:
         """Close one connection gracefully; False if no such connection is open."""
         info = self.stats.connections.get(conn_id)
