@@ -30,11 +30,6 @@ SUPPORTED_TRANSPORTS = ("tcp",)
 # Keys of the contract (PRODUCT.md) that this version parses but does not act on yet: setting them is an
 # error rather than silently ignored.
 RESERVED_KEYS = (
-    ("limits", "max_connections_per_ip"),
-    ("limits", "allow"),
-    ("limits", "deny"),
-    ("limits", "max_connect_rate_per_ip"),
-    ("limits", "max_bytes_per_second"),
     ("trace", "file"),
     ("trace", "file_max_bytes"),
     ("tls", "cert_file"),

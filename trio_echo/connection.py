@@ -19,6 +19,7 @@ import trio
 
 from .echo import EchoSession, Step
 from .events import Flag
+from .ratelimit import TokenBucket
 from .trace import Tracer
 
 LINGER_CHUNK = 16384  # read size while discarding input during a lingering close
@@ -35,10 +36,12 @@ class Connection:
     """
 
     __slots__ = (
+        "_bucket",
         "_idle_timeout",
         "_lifetime_deadline",
         "_linger_timeout",
         "_phase",
+        "_read_cap",
         "_send_timeout",
         "_tracer",
         "close_reason",
@@ -57,6 +60,7 @@ class Connection:
         send_timeout: float = 0.0,
         max_lifetime: float = 0.0,
         linger_timeout: float = 0.0,
+        max_bytes_per_second: int = 0,
         tracer: Tracer | None = None,
         conn_id: int = 0,
     ) -> None:
@@ -71,6 +75,13 @@ class Connection:
         self._linger_timeout = linger_timeout
         self._tracer = tracer
         self._phase = "idle"
+        # Bandwidth cap: a token bucket of one second's worth; reads are capped to that size so the
+        # echo flows evenly instead of in buffer-sized bursts followed by long pauses.
+        now = trio.current_time()
+        self._bucket = (
+            TokenBucket(max_bytes_per_second, max_bytes_per_second, now) if max_bytes_per_second else None
+        )
+        self._read_cap = min(session.buffer_size, max_bytes_per_second or session.buffer_size)
 
     def close(self, reason: str) -> None:
         """Ask the connection to stop echoing and close gracefully; the first reason given wins."""
@@ -112,9 +123,14 @@ class Connection:
                 if tracer is not None and tracer.flags & Flag.DATA:
                     tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, sent=len(data))
             elif step is Step.RECEIVE:
+                bucket = self._bucket
+                if bucket is not None:
+                    await self._throttle(bucket)
                 self._arm(self._idle_timeout, "idle")
-                chunk = await stream.receive_some(session.receive_size)
+                chunk = await stream.receive_some(self._read_cap)
                 session.received(chunk)
+                if bucket is not None:
+                    bucket.debit(trio.current_time(), len(chunk))
                 if tracer is not None and tracer.flags & Flag.DATA:
                     tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, received=len(chunk))
             elif step is Step.SEND_EOF:
@@ -124,6 +140,14 @@ class Connection:
                 session.sent_eof()
             else:
                 return
+
+    async def _throttle(self, bucket: TokenBucket) -> None:
+        delay = bucket.delay(trio.current_time())
+        if delay > 0:
+            # Our own pause is not the client's idleness: only the lifetime limit applies meanwhile.
+            self._phase = "throttle"
+            self.scope.deadline = self._lifetime_deadline
+            await trio.sleep(delay)
 
     def _arm(self, timeout: float, phase: str) -> None:
         self._phase = phase

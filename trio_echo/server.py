@@ -19,6 +19,7 @@ import sys
 import trio
 
 from .addresses import format_sockaddr
+from .admission import Admission
 from .config import Config, ListenerConfig
 from .connection import Connection, refuse
 from .echo import EchoSession
@@ -26,7 +27,7 @@ from .errors import SupervisorGaveUp
 from .events import Flag
 from .listeners import ListeningSocket, accept_loop, open_listeners
 from .restarts import Restart
-from .stats import Stats
+from .stats import ConnectionInfo, Stats
 from .supervisor import ChildSpec, Supervisor
 from .trace import Tracer
 
@@ -71,6 +72,11 @@ class EchoServer:
             backoff_max=config.supervisor.backoff_max,
             tracer=self.tracer,
         )
+        self.admission = Admission(config.limits, self.max_connections)
+        # Refusals linger (so the refusal text survives) and each holds a descriptor meanwhile; past
+        # this many at once, refuse by closing at once so a flood cannot eat the fd reserve.
+        self._max_lingering_refusals = max(1, config.limits.fd_reserve // 2)
+        self._lingering_refusals = 0
         self._greeting = config.server.greeting.encode()
         self._farewell = config.server.farewell.encode()
         self._refusal = config.limits.refusal.encode()
@@ -106,7 +112,7 @@ class EchoServer:
         The server owns the stream from here on and closes it."""
         if self._handlers is None:
             raise RuntimeError("serve_stream needs a running server")
-        self._handlers.start_soon(self._serve, stream, listener, peer)
+        self._admit(stream, None, peer, listener)
 
     def close_connection(self, conn_id: int, reason: str = "admin") -> bool:
         """Close one connection gracefully; False if no such connection is open."""
@@ -185,23 +191,41 @@ class EchoServer:
     def _accepted(
         self, entry: ListenerConfig, listener: ListeningSocket, sock: trio.socket.SocketType, peer: object
     ) -> None:
-        assert self._handlers is not None
+        ip: str | None = None
         if sock.family != stdlib_socket.AF_UNIX:
             _configure_accepted(sock, keepalive=self.config.limits.keepalive)
+            ip = str(peer[0]) if isinstance(peer, tuple) else None
         stream = trio.SocketStream(sock)  # sets TCP_NODELAY on TCP sockets
-        peer_name = format_sockaddr(peer) if peer else listener.name
-        if self.stats.active >= self.max_connections:
-            self._handlers.start_soon(self._refuse, stream, entry.label, peer_name, "max_connections")
+        self._admit(stream, ip, format_sockaddr(peer) if peer else listener.name, entry.label)
+
+    def _admit(self, stream: trio.abc.Stream, ip: str | None, peer: str, listener: str) -> None:
+        """Admit or refuse a new connection, synchronously, so the counts the next accept sees are
+        exact (a task started now runs later)."""
+        assert self._handlers is not None
+        reason = self.admission.admit(ip, self.stats.active, trio.current_time())
+        if reason is None:
+            limits = self.config.limits
+            session = EchoSession(limits.buffer_size, self._greeting, self._farewell)
+            info = self.stats.open(peer=peer, listener=listener, now=trio.current_time(), session=session)
+            self._handlers.start_soon(self._serve, stream, info, ip)
             return
-        self._handlers.start_soon(self._serve, stream, entry.label, peer_name)
+        self.stats.refuse(reason)
+        if self.tracer.flags & Flag.CONN:
+            self.tracer.emit(Flag.CONN, "conn.refused", peer=peer, listener=listener, reason=reason)
+        if self._lingering_refusals < self._max_lingering_refusals:
+            self._lingering_refusals += 1
+            self._handlers.start_soon(self._refuse, stream)
+        elif isinstance(stream, trio.SocketStream):
+            stream.socket.close()
+        else:
+            self._handlers.start_soon(trio.aclose_forcefully, stream)
 
     # -- connections (handler nursery) ----------------------------------------------------------------
 
-    async def _serve(self, stream: trio.abc.Stream, listener: str, peer: str) -> None:
+    async def _serve(self, stream: trio.abc.Stream, info: ConnectionInfo, ip: str | None) -> None:
         limits = self.config.limits
-        session = EchoSession(limits.buffer_size, self._greeting, self._farewell)
-        now = trio.current_time()
-        info = self.stats.open(peer=peer, listener=listener, now=now, session=session)
+        session = info.session
+        peer, listener, now = info.peer, info.listener, info.opened
         conn = Connection(
             stream,
             session,
@@ -209,6 +233,7 @@ class EchoServer:
             send_timeout=limits.send_timeout,
             max_lifetime=limits.max_lifetime,
             linger_timeout=limits.linger_timeout,
+            max_bytes_per_second=limits.max_bytes_per_second,
             tracer=self.tracer,
             conn_id=info.id,
         )
@@ -226,6 +251,7 @@ class EchoServer:
             logger.exception("connection %d from %s failed", info.id, peer)
         finally:
             self.stats.close(info, reason)
+            self.admission.release(ip)
             if tracer.flags & Flag.CONN:
                 tracer.emit(
                     Flag.CONN,
@@ -241,12 +267,12 @@ class EchoServer:
             if self.draining and not self.stats.connections:
                 self._quiet.set()
 
-    async def _refuse(self, stream: trio.abc.Stream, listener: str, peer: str, reason: str) -> None:
-        self.stats.refuse(reason)
-        if self.tracer.flags & Flag.CONN:
-            self.tracer.emit(Flag.CONN, "conn.refused", peer=peer, listener=listener, reason=reason)
-        # Bounded so a flood of refused clients cannot pin tasks: at most ~2 s each.
-        await refuse(stream, self._refusal, patience=min(self.config.limits.linger_timeout, 1.0) or 1.0)
+    async def _refuse(self, stream: trio.abc.Stream) -> None:
+        try:
+            # Bounded so refused clients cannot pin tasks and descriptors: at most ~2 s each.
+            await refuse(stream, self._refusal, patience=min(self.config.limits.linger_timeout, 1.0) or 1.0)
+        finally:
+            self._lingering_refusals -= 1
 
 
 def _configure_accepted(sock: trio.socket.SocketType, *, keepalive: bool) -> None:

@@ -1,0 +1,111 @@
+"""Who may connect (pure): connection caps, per-source caps, allow/deny lists, connect rate.
+
+The accept path asks :meth:`Admission.admit` about each new connection and gets ``None`` (admitted;
+the connection now counts against its source) or the refusal reason PRODUCT.md names. Every admitted
+connection must later be :meth:`release`\\ d. Sources are IPv4 addresses and IPv6 /64 networks (one
+host commonly owns a whole /64, so per-address counting would let it open 2**64 times the cap);
+IPv4-mapped IPv6 peers count as their IPv4 address. Unix-socket peers have no address and are subject
+only to ``max_connections``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from .config import LimitsConfig
+from .ratelimit import TokenBucket
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+PRUNE_AT = 4096  # rate buckets kept before idle (full) ones are dropped
+
+
+def source_of(ip: str) -> tuple[Address, str]:
+    """The address and the per-source key of a peer IP: the IPv4 address, or the IPv6 /64.
+
+    Raises ValueError for something that is not an IP address.
+    """
+    address = ipaddress.ip_address(ip.partition("%")[0])  # drop an IPv6 scope id
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        return address, str(ipaddress.IPv6Network((address, 64), strict=False))
+    return address, str(address)
+
+
+def _networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+class Admission:
+    """Admission decisions and the per-source bookkeeping they need.
+
+    Args:
+        limits: the ``[limits]`` section (``max_connections_per_ip``, ``allow``, ``deny``,
+            ``max_connect_rate_per_ip``).
+        max_connections: the effective global cap.
+    """
+
+    def __init__(self, limits: LimitsConfig, max_connections: int) -> None:
+        self.per_source: dict[str, int] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self.configure(limits, max_connections)
+
+    def configure(self, limits: LimitsConfig, max_connections: int) -> None:
+        """Apply new limits; connections already admitted stay (a lower cap refuses new ones until
+        the count is below it)."""
+        self.max_connections = max_connections
+        self.max_per_source = limits.max_connections_per_ip
+        self.allow = _networks(limits.allow)
+        self.deny = _networks(limits.deny)
+        self.connect_rate = limits.max_connect_rate_per_ip
+        self._buckets.clear()
+
+    def admit(self, ip: str | None, active: int, now: float) -> str | None:
+        """Decide on a new connection from ``ip`` (None for a Unix peer) while ``active`` are open.
+
+        Returns None when admitted (and counts it), else the refusal reason: ``max_connections``,
+        ``denied``, ``connect_rate`` or ``per_ip``.
+        """
+        if active >= self.max_connections:
+            return "max_connections"
+        if ip is None:
+            return None
+        address, key = source_of(ip)
+        if self.deny and any(address in net for net in self.deny if net.version == address.version):
+            return "denied"
+        if self.allow and not any(address in net for net in self.allow if net.version == address.version):
+            return "denied"
+        if self.connect_rate and not self._bucket(key, now).take(now):
+            return "connect_rate"
+        count = self.per_source.get(key, 0)
+        if self.max_per_source and count >= self.max_per_source:
+            return "per_ip"
+        self.per_source[key] = count + 1
+        return None
+
+    def release(self, ip: str | None) -> None:
+        """An admitted connection from ``ip`` closed."""
+        if ip is None:
+            return
+        key = source_of(ip)[1]
+        count = self.per_source.get(key, 0) - 1
+        if count > 0:
+            self.per_source[key] = count
+        else:
+            self.per_source.pop(key, None)
+
+    def _bucket(self, key: str, now: float) -> TokenBucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= PRUNE_AT:
+                # A full bucket is indistinguishable from a new one: drop those, so a scan of many
+                # sources cannot grow this table without bound.
+                for stale in [k for k, b in self._buckets.items() if b.is_full(now)]:
+                    del self._buckets[stale]
+            # Burst: one second's worth, at least one connection.
+            bucket = TokenBucket(self.connect_rate, max(1.0, self.connect_rate), now)
+            self._buckets[key] = bucket
+        return bucket
