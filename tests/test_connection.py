@@ -202,3 +202,23 @@ async def test_close_gracefully_without_linger_is_immediate(autojump_clock: trio
     await close_gracefully(server, linger_timeout=0)
     assert trio.current_time() == 0
     assert await client.receive_some(1) == b""
+
+
+async def test_bandwidth_cap_slows_the_echo_without_buffering(autojump_clock: trio.testing.MockClock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    conn = connection(server, size=65536, max_bytes_per_second=1000)
+    payload = bytes(range(256)) * 20  # 5120 bytes
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run)
+        await client.send_all(payload)
+        received = bytearray()
+        while len(received) < len(payload):
+            chunk = await client.receive_some(65536)
+            assert len(chunk) <= 1000  # reads are capped to one second's worth
+            received += chunk
+            # never ahead of the cap by more than its one-second burst
+            assert len(received) <= 1000 * (trio.current_time() + 2)
+        assert received == payload
+        # a burst of 2 x 1000 at t=0, then 1000/s: the last 120 bytes go out at t=4
+        assert trio.current_time() == 4
+        await client.send_eof()
