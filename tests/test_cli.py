@@ -202,3 +202,16 @@ def test_supervisor_giving_up_is_one_clear_line_and_exit_1(tmp_path: object) -> 
     assert len(fatal) == 1
     assert "supervisor gave up" in fatal[0]
     assert "Address already in use" in fatal[0]
+
+
+def test_max_connections_above_the_fd_limit_is_clamped_with_a_warning(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "big.toml")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write("[limits]\nmax_connections = 100000000\n")
+    with daemon("--config", path, "--listen", "127.0.0.1:0", "--admin", "off") as d:
+        warning = d.wait_for_line(r"limits\.max_connections = 100000000 exceeds the open-file limit")
+        assert "using" in warning.string
+        d.wait_for_line(r"listening on 127\.0\.0\.1:\d+")
+        d.proc.send_signal(signal.SIGTERM)
+        code, log = d.finish()
+    assert code == 0, log
