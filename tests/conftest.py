@@ -27,6 +27,8 @@ needs_ipv6 = pytest.mark.skipif(not HAS_IPV6, reason="this host has no IPv6 loop
 
 
 def make_config(**sections: dict[str, object]) -> Config:
+    """A config from sections; the admin port is off unless a test asks for it."""
+    sections.setdefault("admin", {"listen": ""})
     return config_from_mapping(sections)
 
 

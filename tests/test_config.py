@@ -76,7 +76,6 @@ def test_full_file_parses() -> None:
         ("[limits]\nidle_timeout = true", "limits.idle_timeout = True: expected a number"),
         ("[nonsense]\na = 1", "nonsense = {'a': 1}: unknown section"),
         ("limits = 3", "limits = 3: expected a table"),
-        ("[trace]\nfile = 'x.jsonl'", "trace.file = 'x.jsonl': is not supported by this version"),
         ("[tls]\ncert_file = 'c.pem'", "tls.cert_file = 'c.pem': is not supported"),
         ("[server]\nlisten = ['1.2.3.4:70000']", "server.listen[0] = '1.2.3.4:70000':"),
         ("[server]\nlisten = ['nohost']", "server.listen[0] = 'nohost':"),

@@ -78,4 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log)
-    return run(config)
+    try:
+        return run(config)
+    except ConfigError as exc:  # found while building the server (admin token, ...)
+        print(f"{PROG}: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

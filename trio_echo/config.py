@@ -30,8 +30,6 @@ SUPPORTED_TRANSPORTS = ("tcp",)
 # Keys of the contract (PRODUCT.md) that this version parses but does not act on yet: setting them is an
 # error rather than silently ignored.
 RESERVED_KEYS = (
-    ("trace", "file"),
-    ("trace", "file_max_bytes"),
     ("tls", "cert_file"),
     ("tls", "key_file"),
     ("tls", "client_ca_file"),

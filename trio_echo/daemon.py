@@ -2,6 +2,8 @@
 
 SIGINT/SIGTERM begin the graceful drain; a second one closes everything at once (exit 1). SIGHUP is
 caught so that it does not kill the daemon; live reload is not part of this version yet and says so.
+The server is built before the event loop starts, so configuration problems it finds (an unreadable
+admin token, say) surface as ConfigError (exit 2) before anything is bound.
 """
 
 from __future__ import annotations
@@ -95,9 +97,7 @@ def run(config: Config) -> int:
             limit,
             max_connections,
         )
-    if config.admin.listen:
-        logger.info("admin port %s: not served by this version yet", config.admin.listen)
-    server = EchoServer(config, max_connections=max_connections)
+    server = EchoServer(config, max_connections=max_connections)  # may raise ConfigError
     try:
         return trio.run(serve_until_signalled, server)
     except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed

@@ -18,7 +18,10 @@ import sys
 
 import trio
 
+from ._version import __version__
 from .addresses import format_sockaddr
+from .admin.metrics import MetricsSnapshot
+from .admin.port import AdminServer
 from .admission import Admission
 from .config import Config, ListenerConfig
 from .connection import Connection, refuse
@@ -29,11 +32,12 @@ from .listeners import ListeningSocket, accept_loop, open_listeners
 from .restarts import Restart
 from .stats import ConnectionInfo, Stats
 from .supervisor import ChildSpec, Supervisor
-from .trace import Tracer
+from .trace import TraceFile, Tracer
 
 logger = logging.getLogger("trio_echo.server")
 
 # TCP keepalive on accepted sockets (PRODUCT.md): first probe after 60 s idle, then every 10 s, 5 probes.
+ADMIN_CHILD = "admin"
 KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 5))
 
 
@@ -61,11 +65,19 @@ class EchoServer:
         self.max_connections = max_connections or config.limits.max_connections or sys.maxsize
         self.stats = Stats(started=0.0)
         self.draining = False
+        self.admin = AdminServer(self, config.admin) if config.admin.listen else None
+        self.trace_file = (
+            TraceFile(config.trace.file, config.trace.file_max_bytes) if config.trace.file else None
+        )
+        self._listener_names = [entry.label for entry in config.server.listen]
+        children = [
+            ChildSpec(entry.label, functools.partial(self._listen, entry), Restart.PERMANENT)
+            for entry in config.server.listen
+        ]
+        if self.admin is not None:
+            children.append(ChildSpec(ADMIN_CHILD, self.admin.run, Restart.PERMANENT))
         self.supervisor = Supervisor(
-            [
-                ChildSpec(entry.label, functools.partial(self._listen, entry), Restart.PERMANENT)
-                for entry in config.server.listen
-            ],
+            children,
             max_restarts=config.supervisor.max_restarts,
             period=config.supervisor.period,
             backoff_initial=config.supervisor.backoff_initial,
@@ -89,11 +101,39 @@ class EchoServer:
     def addresses(self) -> list[str]:
         """Every address bound right now, e.g. ``['127.0.0.1:40007', '[::]:40007', 'unix:/run/e.sock']``."""
         bound: list[str] = []
-        for name in self.supervisor.names:
+        for name in self._listener_names:
             value = self.supervisor.value(name)
             if isinstance(value, list):
                 bound.extend(value)
         return bound
+
+    @property
+    def admin_addresses(self) -> list[str]:
+        """Where the admin port is bound right now (empty when it is off or not up)."""
+        value = self.supervisor.value(ADMIN_CHILD)
+        return list(value) if isinstance(value, list) else []
+
+    def listener_descriptions(self) -> list[dict[str, str]]:
+        """The bound echo addresses with their transport, for the admin ``hello``."""
+        return [
+            {"address": address, "transport": "unix" if address.startswith("unix:") else "tcp"}
+            for address in self.addresses
+        ]
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        stats = self.stats
+        return MetricsSnapshot(
+            version=__version__,
+            uptime=max(0.0, trio.current_time() - stats.started),
+            active={name: counts.active for name, counts in stats.listeners.items()},
+            total={name: counts.total for name, counts in stats.listeners.items()},
+            closed=dict(stats.closed),
+            refused=dict(stats.refused),
+            bytes_in=stats.bytes_in,
+            bytes_out=stats.bytes_out,
+            restarts=self.supervisor.restarts,
+            trace_dropped=self.tracer.dropped,
+        )
 
     def stop(self) -> None:
         """Begin the graceful drain (idempotent; safe to call before ``run`` has started)."""
@@ -133,20 +173,30 @@ class EchoServer:
                 drained first.
         """
         self.stats = Stats(started=trio.current_time())
+        for name in self._listener_names:
+            self.stats.listeners[name]  # every listener shows in stats and metrics, even at 0
         gave_up: SupervisorGaveUp | None = None
         with self._hard_stop:
             async with trio.open_nursery() as handlers:
                 self._handlers = handlers
                 try:
-                    async with trio.open_nursery() as accepting:
-                        await accepting.start(self.supervisor.run)
+                    # Listeners and the admin port; the admin port outlives the listeners so that
+                    # /readyz can say "draining" while connections finish.
+                    async with trio.open_nursery() as services:
+                        if self.trace_file is not None:
+                            await services.start(self.trace_file.run, self.tracer)
+                        await services.start(self.supervisor.run)
                         self.tracer.emit(Flag.INFO, "server.ready", listeners=self.addresses)
                         task_status.started(self)
                         await self._stop.wait()
-                        accepting.cancel_scope.cancel()
+                        self.draining = True
+                        for name in self._listener_names:
+                            await self.supervisor.terminate_child(name)
+                        await self._drain()
+                        services.cancel_scope.cancel()
                 except* SupervisorGaveUp as group:
                     gave_up = _single(group)
-                await self._drain()
+                    await self._drain()
         self._handlers = None
         self.tracer.emit(Flag.INFO, "server.stopped", connections=self.stats.total)
         if gave_up is not None:
@@ -164,7 +214,8 @@ class EchoServer:
         for info in list(self.stats.connections.values()):
             if info.closer is not None:
                 info.closer("drain")
-        # Leaving the handler nursery waits for those closes, each bounded by linger_timeout.
+        if self.stats.active:
+            await self._quiet.wait()  # each close is bounded by linger_timeout
 
     # -- listeners (supervisor children) --------------------------------------------------------------
 
@@ -238,6 +289,7 @@ class EchoServer:
             conn_id=info.id,
         )
         info.closer = conn.close
+        info.transport = stream
         if self.draining:
             conn.close("drain")
         tracer = self.tracer

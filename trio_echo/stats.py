@@ -17,7 +17,8 @@ from .echo import EchoSession
 
 @attrs.define(eq=False, slots=True)
 class ConnectionInfo:
-    """One live connection. ``closer(reason)`` asks its task to close it (admin kick, drain)."""
+    """One live connection. ``closer(reason)`` asks its task to close it (admin kick, drain);
+    ``transport`` is the stream, for I/O code that reports on the socket (TCP_INFO)."""
 
     id: int
     peer: str
@@ -25,6 +26,7 @@ class ConnectionInfo:
     opened: float
     session: EchoSession
     closer: Callable[[str], None] | None = None
+    transport: object = None
 
     @property
     def bytes_in(self) -> int:

@@ -1,23 +1,65 @@
 """Trace event fan-out: the global flags decide what is emitted; sinks receive what is.
 
 With a flag off, the cost at the call site is one integer test (``if tracer.flags & Flag.CONN``) or one
-call that returns at its first line. The default sink is the human log (Python logging); the JSON-lines
-file and live admin subscribers attach as further sinks.
+call that returns at its first line. Sinks: the human log (Python logging), the JSON-lines file
+(``trace.file``) and live subscribers (admin channels). Subscribers and the file never block the emitter:
+each has a bounded queue from which the oldest event is dropped when full, and drops are counted.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import time
 from collections.abc import Callable
 
-from .events import Event, Flag
+import trio
+
+from .events import ALL_FLAGS, Event, Flag
 
 Sink = Callable[[Event], None]
 
 # Lifecycle (info) events also have a prose log line where they happen ("listening on ..."), so in the
 # human log they show only at debug level; per-connection events are what an operator turns conn on for.
 _LOG_LEVELS = {Flag.ERROR: logging.ERROR, Flag.INFO: logging.DEBUG, Flag.CONN: logging.INFO}
+
+SUBSCRIBER_QUEUE = 1024  # events buffered per subscriber before the oldest are dropped
+
+
+class Subscriber:
+    """A bounded queue of events for one consumer, filtered by its own ``flags``.
+
+    ``put`` never blocks: a full queue drops its oldest event and counts it in ``dropped``.
+    """
+
+    def __init__(self, flags: Flag, maxlen: int = SUBSCRIBER_QUEUE) -> None:
+        self.flags = flags
+        self.dropped = 0
+        self.delivered = 0
+        self._queue: collections.deque[Event] = collections.deque(maxlen=maxlen)
+        self._ready = trio.Event()
+
+    def __call__(self, event: Event) -> None:
+        if not self.flags & event.flag:
+            return
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1  # the deque drops the oldest on append
+        self._queue.append(event)
+        self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def get_batch(self) -> list[Event]:
+        """Wait for at least one event; return (and forget) everything queued."""
+        while not self._queue:
+            await self._ready.wait()
+            self._ready = trio.Event()
+        batch = list(self._queue)
+        self._queue.clear()
+        self.delivered += len(batch)
+        return batch
 
 
 class Tracer:
@@ -32,7 +74,13 @@ class Tracer:
         self.flags = flags
         self._sinks: list[Sink] = []
         self._logger = logger or logging.getLogger("trio_echo.trace")
+        self._dropped_by_gone = 0
         self.add_sink(self._log)
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped by every subscriber so far (including ones that have unsubscribed)."""
+        return self._dropped_by_gone + sum(s.dropped for s in self._sinks if isinstance(s, Subscriber))
 
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
@@ -40,6 +88,14 @@ class Tracer:
     def remove_sink(self, sink: Sink) -> None:
         if sink in self._sinks:
             self._sinks.remove(sink)
+            if isinstance(sink, Subscriber):
+                self._dropped_by_gone += sink.dropped
+
+    def subscribe(self, flags: Flag, maxlen: int = SUBSCRIBER_QUEUE) -> Subscriber:
+        """A new bounded subscriber; ``remove_sink`` it when done."""
+        subscriber = Subscriber(flags, maxlen)
+        self.add_sink(subscriber)
+        return subscriber
 
     def emit(self, flag: Flag, event: str, **fields: object) -> None:
         if not self.flags & flag:
@@ -54,3 +110,45 @@ class Tracer:
 
     def _log(self, event: Event) -> None:
         self._logger.log(_LOG_LEVELS.get(event.flag, logging.DEBUG), "%s", event.describe())
+
+
+class TraceFile:
+    """The JSON-lines trace file: a subscriber drained by a task that writes in a worker thread, so a
+    slow disk delays only the file. ``max_bytes`` > 0 rotates to ``PATH.1`` past that size;
+    :meth:`reopen` (SIGHUP, after logrotate moved the file) starts writing a fresh file.
+    """
+
+    def __init__(self, path: str, max_bytes: int = 0) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._reopen = False
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the tracer
+
+    def reopen(self) -> None:
+        self._reopen = True
+
+    async def run(
+        self, tracer: Tracer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        subscriber = tracer.subscribe(ALL_FLAGS, maxlen=16384)
+        task_status.started()
+        try:
+            while True:
+                batch = await subscriber.get_batch()
+                lines = "".join(event.to_json() + "\n" for event in batch)
+                await trio.to_thread.run_sync(self._write, lines)
+        finally:
+            tracer.remove_sink(subscriber)
+            self._file.close()
+
+    def _write(self, lines: str) -> None:
+        if self._reopen:
+            self._reopen = False
+            self._file.close()
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file.write(lines)
+        self._file.flush()
+        if self.max_bytes and self._file.tell() >= self.max_bytes:
+            self._file.close()
+            os.replace(self.path, self.path + ".1")
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115

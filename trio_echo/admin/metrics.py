@@ -1,0 +1,104 @@
+"""Prometheus text exposition (format 0.0.4) of the server's counters (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@attrs.frozen
+class MetricsSnapshot:
+    """Everything /metrics shows, gathered by the caller at one instant."""
+
+    version: str
+    uptime: float
+    active: Mapping[str, int]  # per listener
+    total: Mapping[str, int]  # per listener
+    closed: Mapping[str, int]  # per reason
+    refused: Mapping[str, int]  # per reason
+    bytes_in: int
+    bytes_out: int
+    restarts: Mapping[str, int]  # per supervisor child
+    trace_dropped: int
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    lines.extend(
+        f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+        for labels, value in samples
+    )
+    return lines
+
+
+def _labelled(label: str, values: Mapping[str, int]) -> list[tuple[str, float]]:
+    return [(f'{{{label}="{_escape(key)}"}}', value) for key, value in sorted(values.items())]
+
+
+def render(snapshot: MetricsSnapshot) -> str:
+    lines: list[str] = []
+    lines += _family(
+        "trio_echo_connections_active",
+        "gauge",
+        "Client connections open now.",
+        _labelled("listener", snapshot.active),
+    )
+    lines += _family(
+        "trio_echo_connections_total",
+        "counter",
+        "Client connections accepted since start.",
+        _labelled("listener", snapshot.total),
+    )
+    lines += _family(
+        "trio_echo_connections_closed_total",
+        "counter",
+        "Client connections closed, by reason.",
+        _labelled("reason", snapshot.closed),
+    )
+    lines += _family(
+        "trio_echo_connections_refused_total",
+        "counter",
+        "Client connections refused, by reason.",
+        _labelled("reason", snapshot.refused),
+    )
+    lines += _family(
+        "trio_echo_bytes_received_total", "counter", "Bytes received from clients.", [("", snapshot.bytes_in)]
+    )
+    lines += _family(
+        "trio_echo_bytes_sent_total",
+        "counter",
+        "Bytes sent to clients (echo, greetings, farewells).",
+        [("", snapshot.bytes_out)],
+    )
+    lines += _family(
+        "trio_echo_supervisor_restarts_total",
+        "counter",
+        "Restarts of supervised tasks, by child.",
+        _labelled("child", snapshot.restarts),
+    )
+    lines += _family(
+        "trio_echo_trace_dropped_total",
+        "counter",
+        "Trace events dropped by slow subscribers.",
+        [("", snapshot.trace_dropped)],
+    )
+    lines += _family(
+        "trio_echo_uptime_seconds",
+        "gauge",
+        "Seconds since the server started.",
+        [("", float(snapshot.uptime))],
+    )
+    lines += _family(
+        "trio_echo_build_info",
+        "gauge",
+        "Build information.",
+        [(f'{{version="{_escape(snapshot.version)}"}}', 1)],
+    )
+    return "\n".join(lines) + "\n"

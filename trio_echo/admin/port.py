@@ -1,0 +1,191 @@
+"""The admin port: one listener (a supervisor child of the server), HTTP and WebSocket on it.
+
+Every connection gets ``HANDSHAKE_TIMEOUT`` to send its request head (and finish a WebSocket handshake);
+at most ``admin.max_connections`` channels run at once (503 past that), and at most
+``SOCKET_SLACK`` more sockets may be waiting to be told so.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import ipaddress
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import trio
+from trio_websocket import wrap_server_stream
+
+from trio_echo.addresses import format_host_port, parse_address
+from trio_echo.config import AdminConfig
+from trio_echo.errors import ConfigError
+from trio_echo.listeners import accept_loop, open_listeners
+
+from . import metrics, protocol
+from .channel import AdminChannel
+from .http import BadRequest, ReplayStream, read_request, respond
+from .routing import ASSETS, AccessPolicy, decide
+from .token import configured_token, generate_token_file
+
+if TYPE_CHECKING:
+    from trio_echo.server import EchoServer
+
+logger = logging.getLogger("trio_echo.admin")
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_MESSAGE = 64 * 1024  # larger admin messages close the channel with 1009
+SOCKET_SLACK = 16
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for ``localhost`` and loopback literals; ``None`` (every address) is not loopback."""
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+class AdminServer:
+    """The admin port of ``server``.
+
+    Raises ConfigError at construction when the configured token is unreadable or malformed, or when a
+    non-loopback address has no configured token.
+    """
+
+    def __init__(self, server: EchoServer, config: AdminConfig, env: Mapping[str, str] | None = None) -> None:
+        self._server = server
+        self.config = config
+        self._env = dict(os.environ if env is None else env)
+        self.token = configured_token(config.token_file, self._env)
+        if self.token is None and not is_loopback(parse_address(config.listen).host):
+            raise ConfigError(
+                "admin.listen",
+                config.listen,
+                "a non-loopback admin address needs a configured token "
+                "(admin.token_file or TRIO_ECHO_ADMIN_TOKEN)",
+            )
+        self.token_path: str | None = config.token_file or None
+        self.url: str | None = None
+        self._channels = 0
+        self._sockets = 0
+        self._assets: dict[str, bytes] = {}
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        address = parse_address(self.config.listen)
+        sockets = await open_listeners(address, backlog=64)
+        try:
+            port = int(sockets[0].sock.getsockname()[1])
+            if self.token is None:
+                self.token, self.token_path = generate_token_file(port, self._env)
+            self.url = f"http://{format_host_port(address.host or 'localhost', port)}/"
+            for item in sockets:
+                logger.info("admin port on %s", item.name)
+            if self.token_path:
+                logger.info("admin token in %s", self.token_path)
+            logger.info("dashboard: %s#token=%s", self.url, self.token)
+            task_status.started([item.name for item in sockets])
+            async with trio.open_nursery() as nursery:
+                for item in sockets:
+                    nursery.start_soon(accept_loop, item, functools.partial(self._accepted, nursery))
+        finally:
+            for item in sockets:
+                item.close()
+
+    def _accepted(self, nursery: trio.Nursery, sock: trio.socket.SocketType, _peer: object) -> None:
+        if self._sockets >= self.config.max_connections + SOCKET_SLACK:
+            sock.close()  # a flood: do not spend descriptors on telling it so
+            return
+        self._sockets += 1
+        nursery.start_soon(self._handle, trio.SocketStream(sock))
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            request = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                try:
+                    request = await read_request(stream)
+                except BadRequest as exc:
+                    await respond(stream, exc.connection, 400, f"bad request: {exc}\n".encode())
+            if request is None:
+                return
+            assert self.token is not None
+            decision = decide(
+                request.method,
+                request.target,
+                request.headers,
+                AccessPolicy(self.token, self.config.allowed_origins),
+                channels_open=self._channels,
+                max_channels=self.config.max_connections,
+            )
+            if decision.kind == "ws":
+                await self._channel(stream, request.raw)
+                return
+            status, body, content_type = self._answer(
+                decision.kind, decision.status, decision.message, request.target
+            )
+            await respond(
+                stream,
+                request.connection,
+                status,
+                body,
+                content_type=content_type,
+                head_only=request.method == "HEAD",
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._sockets -= 1
+            await trio.aclose_forcefully(stream)
+
+    def _answer(self, kind: str, status: int, message: str, target: str) -> tuple[int, bytes, str]:
+        text = "text/plain; charset=utf-8"
+        server = self._server
+        if kind == "reject":
+            return status, f"{message}\n".encode(), text
+        if kind == "healthz":
+            return 200, b"ok\n", text
+        if kind == "readyz":
+            return (503, b"draining\n", text) if server.draining else (200, b"ready\n", text)
+        if kind == "auth":
+            return 204, b"", text
+        if kind == "metrics":
+            return 200, metrics.render(server.metrics_snapshot()).encode(), metrics.CONTENT_TYPE
+        path = target.split("?", 1)[0]
+        name, content_type = ASSETS[path]
+        return 200, self._asset(name), content_type
+
+    def _asset(self, name: str) -> bytes:
+        if name not in self._assets:
+            self._assets[name] = (
+                importlib.resources.files(__package__).joinpath("dashboard", name).read_bytes()
+            )
+        return self._assets[name]
+
+    async def _channel(self, stream: trio.SocketStream, raw: bytes) -> None:
+        self._channels += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = None
+                with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                    ws_request = await wrap_server_stream(
+                        nursery, ReplayStream(stream, raw), message_queue_size=4, max_message_size=MAX_MESSAGE
+                    )
+                    offered = ws_request.proposed_subprotocols
+                    ws = await ws_request.accept(
+                        subprotocol=protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None
+                    )
+                if ws is not None:
+                    await AdminChannel(ws, self._server, self.config.stats_interval).run()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._channels -= 1
