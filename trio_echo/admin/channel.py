@@ -65,8 +65,8 @@ class AdminChannel:
                 nursery.start_soon(self._trace_loop)
                 await self._request_loop()
                 nursery.cancel_scope.cancel()
-        except ConnectionClosed:
-            pass
+        except* ConnectionClosed:
+            pass  # the client went away: the channel's normal end
         finally:
             self._unsubscribe()
 

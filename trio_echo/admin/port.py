@@ -141,8 +141,11 @@ class AdminServer:
                 content_type=content_type,
                 head_only=request.method == "HEAD",
             )
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-answer
+        except* Exception:
+            # One admin client must never take the admin port down with it.
+            logger.exception("admin connection failed")
         finally:
             self._sockets -= 1
             await trio.aclose_forcefully(stream)

@@ -1,0 +1,354 @@
+"""The admin port over real loopback sockets, with trio-websocket's client."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import h11
+import pytest
+import trio
+import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from tests.conftest import make_config, port_of
+from trio_echo.admin import port as admin_port
+from trio_echo.errors import ConfigError
+from trio_echo.server import EchoServer
+
+
+@pytest.fixture(autouse=True)
+def runtime_dir(tmp_path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("TRIO_ECHO_ADMIN_TOKEN", raising=False)
+    return tmp_path
+
+
+@asynccontextmanager
+async def admin_server(
+    admin: dict[str, object] | None = None, **sections: dict[str, object]
+) -> AsyncIterator[EchoServer]:
+    sections.setdefault("server", {"listen": ["127.0.0.1:0"]})
+    sections.setdefault("trace", {"flags": "error,info,conn"})
+    config = make_config(admin={"listen": "127.0.0.1:0", **(admin or {})}, **sections)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server: EchoServer = await nursery.start(EchoServer(config).run)
+            try:
+                yield server
+            finally:
+                server.stop()
+
+
+def admin_port_of(server: EchoServer) -> int:
+    return port_of(server.admin_addresses[0])
+
+
+def token_of(server: EchoServer) -> str:
+    assert server.admin is not None
+    assert server.admin.token is not None
+    return server.admin.token
+
+
+async def http(
+    server: EchoServer, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    port = admin_port_of(server)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        client = h11.Connection(h11.CLIENT)
+        request_headers = {"host": f"127.0.0.1:{port}", **(headers or {})}
+        await stream.send_all(
+            client.send(h11.Request(method=method, target=path, headers=list(request_headers.items())))
+        )
+        await stream.send_all(client.send(h11.EndOfMessage()))
+        status, response_headers, body = 0, {}, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                response_headers = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, response_headers, body
+
+
+def bearer(server: EchoServer) -> dict[str, str]:
+    return {"authorization": f"Bearer {token_of(server)}"}
+
+
+@asynccontextmanager
+async def channel(
+    server: EchoServer, token: str | None = None, **kw: object
+) -> AsyncIterator[WebSocketConnection]:
+    url = f"ws://127.0.0.1:{admin_port_of(server)}/ws"
+    protocols = ["trio-echo.v1", f"token.{token or token_of(server)}"]
+    async with open_websocket_url(url, subprotocols=protocols, **kw) as ws:  # type: ignore[arg-type]
+        yield ws
+
+
+_unread: dict[int, list[dict[str, object]]] = {}
+
+
+async def next_of(ws: WebSocketConnection, kind: str, predicate=lambda m: True) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """The next message of ``kind`` matching ``predicate``; others stay unread for later calls."""
+    unread = _unread.setdefault(id(ws), [])
+    for index, message in enumerate(unread):
+        if message["type"] == kind and predicate(message):
+            return unread.pop(index)
+    with trio.fail_after(10):
+        while True:
+            message = json.loads(await ws.get_message())
+            if message["type"] == kind and predicate(message):
+                return message  # type: ignore[no-any-return]
+            if message["type"] != "stats":  # stats come every interval; only the newest matter
+                unread.append(message)
+
+
+async def request(ws: WebSocketConnection, message: dict[str, object], reply: str) -> dict[str, object]:
+    await ws.send_message(json.dumps(message))
+    return await next_of(ws, reply)
+
+
+async def test_plain_http_endpoints(runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    async with admin_server() as server:
+        assert (await http(server, "/healthz"))[::2] == (200, b"ok\n")
+        assert (await http(server, "/readyz"))[::2] == (200, b"ready\n")
+        assert (await http(server, "/auth"))[0] == 401
+        assert (await http(server, "/auth", bearer(server)))[0] == 204
+        assert (await http(server, "/metrics"))[0] == 401
+        assert (await http(server, "/metrics", {"host": "rebind.attacker.example", **bearer(server)}))[
+            0
+        ] == 403
+        assert (await http(server, "/metrics", {"origin": "http://evil.example", **bearer(server)}))[0] == 403
+        assert (await http(server, "/nope"))[0] == 404
+        assert (await http(server, "/metrics", bearer(server), method="POST"))[0] == 405
+        status, headers, page = await http(server, "/")
+        assert status == 200
+        assert b"<title>trio-echo" in page
+        assert "default-src 'self'" in headers["content-security-policy"]
+        status, headers, script = await http(server, "/app.js")
+        assert (status, headers["content-type"]) == (200, "text/javascript; charset=utf-8")
+        assert b"WebSocket" in script
+        status, headers, _ = await http(server, "/healthz", method="HEAD")
+        assert (status, headers["content-length"]) == (200, "3")
+
+
+async def test_generated_token_file(runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    async with admin_server() as server:
+        assert server.admin is not None
+        path = server.admin.token_path
+        assert path == os.path.join(str(runtime_dir), f"admin-{admin_port_of(server)}.token")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with open(path, encoding="utf-8") as file:  # noqa: ASYNC230
+            assert file.read().strip() == token_of(server)
+        assert len(token_of(server)) >= 32
+
+
+async def test_metrics_track_real_connections() -> None:
+    async with admin_server() as server:
+        echo = await trio.open_tcp_stream("127.0.0.1", port_of(server.addresses[0]))
+        await echo.send_all(b"12345")
+        assert await echo.receive_some(10) == b"12345"
+        _, headers, body = await http(server, "/metrics", bearer(server))
+        assert headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = {
+            (s.name, tuple(s.labels.values())): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        }
+        listener = server.config.server.listen[0].label
+        assert samples[("trio_echo_connections_active", (listener,))] == 1
+        assert samples[("trio_echo_connections_total", (listener,))] == 1
+        assert samples[("trio_echo_bytes_received_total", ())] == 5
+        assert samples[("trio_echo_bytes_sent_total", ())] == 5
+        assert (
+            "trio_echo_build_info",
+            (admin_port.__package__ and __import__("trio_echo").__version__,),
+        ) in samples
+        await echo.aclose()
+
+
+async def test_channel_counts_traces_lists_and_closes() -> None:
+    async with admin_server(admin={"stats_interval": 0.05}) as server, channel(server) as ws:
+        hello = await next_of(ws, "hello")
+        assert hello["listeners"] == [{"address": server.addresses[0], "transport": "tcp"}]
+        assert hello["trace_flags"] == "error,info,conn"
+        assert ws.subprotocol == "trio-echo.v1"
+        assert await request(ws, {"type": "subscribe", "flags": "conn"}, "subscribe") == {
+            "type": "subscribe",
+            "ok": True,
+            "flags": "conn",
+        }
+        port = port_of(server.addresses[0])
+        clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+        for client in clients:
+            await client.send_all(b"hi")
+            assert await client.receive_some(10) == b"hi"
+        stats = await next_of(ws, "stats", lambda m: m["connections"]["active"] == 3)
+        assert stats["connections"]["total"] == 3
+        assert stats["bytes"] == {"in": 6, "out": 6}
+        opened = [await next_of(ws, "trace", lambda m: m["event"]["event"] == "conn.open") for _ in range(3)]
+        assert {m["event"]["peer"] for m in opened} == {
+            f"127.0.0.1:{c.socket.getsockname()[1]}" for c in clients
+        }
+        listing = await request(ws, {"type": "connections"}, "connections")
+        items = listing["items"]
+        assert len(items) == 3
+        assert {
+            "id",
+            "peer",
+            "listener",
+            "age",
+            "bytes_in",
+            "bytes_out",
+            "rtt_us",
+            "retransmits",
+            "pmtu",
+        } <= set(items[0])
+        victim = items[0]
+        assert await request(ws, {"type": "close", "id": victim["id"]}, "close") == {
+            "type": "close",
+            "ok": True,
+            "id": victim["id"],
+        }
+        closed = await next_of(ws, "trace", lambda m: m["event"]["event"] == "conn.close")
+        assert closed["event"]["reason"] == "admin"
+        assert closed["event"]["conn_id"] == victim["id"]
+        await next_of(ws, "stats", lambda m: m["connections"]["active"] == 2)
+        # bad requests get an error; the channel stays open
+        assert (await request(ws, {"type": "close", "id": 999999}, "error"))["message"].startswith(
+            "close: no open connection"
+        )
+        await ws.send_message("{not json")
+        assert (await next_of(ws, "error"))["message"] == "message is not valid JSON"
+        assert (await request(ws, {"type": "reboot"}, "error"))["message"].startswith("unknown message type")
+        reply = await request(ws, {"type": "set_trace_flags", "flags": "error"}, "set_trace_flags")
+        assert reply == {"type": "set_trace_flags", "ok": True, "flags": "error"}
+        assert server.tracer.flags == 1
+        assert await request(ws, {"type": "unsubscribe"}, "unsubscribe") == {
+            "type": "unsubscribe",
+            "ok": True,
+        }
+        for client in clients:
+            await client.aclose()
+
+
+async def test_bearer_header_works_for_non_browser_clients() -> None:
+    async with admin_server() as server:
+        url = f"ws://127.0.0.1:{admin_port_of(server)}/ws"
+        headers = [(b"authorization", f"Bearer {token_of(server)}".encode())]
+        async with open_websocket_url(url, extra_headers=headers) as ws:
+            assert (await next_of(ws, "hello"))["type"] == "hello"
+            assert ws.subprotocol is None
+
+
+def upgrade_headers(token: str, **extra: str) -> dict[str, str]:
+    """A browser-style WebSocket upgrade request. (Rejections are checked over plain HTTP: trio-websocket's
+    client leaves its socket open when a handshake is rejected.)"""
+    return {
+        "upgrade": "websocket",
+        "connection": "Upgrade",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "sec-websocket-version": "13",
+        "sec-websocket-protocol": f"trio-echo.v1, token.{token}",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("token", "extra", "status"),
+    [
+        ("wrong", {}, 401),
+        (None, {"origin": "http://evil.example"}, 403),
+        (None, {"host": "evil.example"}, 403),
+    ],
+)
+async def test_channel_rejections(token: str | None, extra: dict[str, str], status: int) -> None:
+    async with admin_server() as server:
+        code, _, body = await http(server, "/ws", upgrade_headers(token or token_of(server), **extra))
+        assert code == status, body
+
+
+async def test_channel_cap_is_503() -> None:
+    async with admin_server(admin={"max_connections": 2}) as server:
+        async with channel(server) as one, channel(server) as two:
+            await next_of(one, "hello")
+            await next_of(two, "hello")
+            code, _, body = await http(server, "/ws", upgrade_headers(token_of(server)))
+            assert (code, body) == (503, b"too many admin connections\n")
+        # the slots free up when channels close
+        assert server.admin is not None
+        while server.admin.channels:  # noqa: ASYNC110 - the server notices the closes when it does
+            await trio.sleep(0.01)
+        async with channel(server) as three:
+            assert (await next_of(three, "hello"))["type"] == "hello"
+
+
+async def test_oversized_message_closes_with_1009() -> None:
+    async with admin_server() as server, channel(server) as ws:
+        await next_of(ws, "hello")
+        await ws.send_message("x" * (64 * 1024 + 1))
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await ws.get_message()
+        assert info.value.reason.code == 1009
+        # trio-websocket's aclose() is a no-op once the peer has closed, and its reader task may be
+        # cancelled before it closes the TCP stream: close it here so the test leaks nothing.
+        await trio.aclose_forcefully(ws._stream)
+
+
+async def test_readyz_is_503_while_draining() -> None:
+    async with admin_server(limits={"drain_timeout": 30}) as server:
+        echo = await trio.open_tcp_stream("127.0.0.1", port_of(server.addresses[0]))
+        server.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await http(server, "/readyz"))[::2] == (503, b"draining\n")
+        assert (await http(server, "/healthz"))[0] == 200
+        await echo.send_eof()
+        assert await echo.receive_some(10) == b""
+        await echo.aclose()
+
+
+async def test_malformed_and_slow_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admin_port, "HANDSHAKE_TIMEOUT", 0.3)
+    async with admin_server() as server:
+        async with await trio.open_tcp_stream("127.0.0.1", admin_port_of(server)) as stream:
+            await stream.send_all(b"NONSENSE\r\n\r\n")
+            answer = b""
+            while chunk := await stream.receive_some(1000):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400 ")
+        async with await trio.open_tcp_stream("127.0.0.1", admin_port_of(server)) as slow:
+            await slow.send_all(b"GET / HTTP/1.1\r\n")  # and then nothing
+            with trio.fail_after(5):
+                assert await slow.receive_some(100) == b""  # closed after the handshake timeout
+        assert (await http(server, "/healthz"))[0] == 200
+
+
+def test_non_loopback_admin_needs_a_configured_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = make_config(admin={"listen": ":0"})
+    with pytest.raises(ConfigError, match="non-loopback admin address needs a configured token"):
+        EchoServer(config)
+    monkeypatch.setenv("TRIO_ECHO_ADMIN_TOKEN", "operator_token_123")
+    assert EchoServer(config).admin.token == "operator_token_123"  # type: ignore[union-attr]
+    monkeypatch.setenv("TRIO_ECHO_ADMIN_TOKEN", "bad token!")
+    with pytest.raises(ConfigError, match="TRIO_ECHO_ADMIN_TOKEN"):
+        EchoServer(config)
+
+
+def test_token_file_is_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "token"
+    path.write_text("from_a_file\n")
+    server = EchoServer(make_config(admin={"listen": "0.0.0.0:0", "token_file": str(path)}))
+    assert server.admin is not None
+    assert server.admin.token == "from_a_file"
+    with pytest.raises(ConfigError, match="admin.token_file"):
+        EchoServer(make_config(admin={"listen": "127.0.0.1:0", "token_file": str(tmp_path / "missing")}))
