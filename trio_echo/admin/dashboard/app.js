@@ -128,7 +128,7 @@ function handle(message) {
     case "stats": return onStats(message);
     case "connections": return onConnections(message.items);
     case "trace": return onTrace(message.event);
-    case "close": return send({ type: "connections" });
+    case "close": return onClosed(message.id);
     case "set_trace_flags": return showServerFlags(message.flags);
     case "error": return onTrace({ ts: Date.now() / 1000, flag: "error", event: "admin.error", message: message.message });
     default: return undefined;
@@ -218,6 +218,13 @@ function onConnections(items) {
     row.append(action);
     return row;
   }));
+}
+
+function onClosed(id) {
+  // The close is under way (a graceful close may linger briefly): drop the row now, then refresh.
+  const row = document.querySelector(`#connections tr[data-id="${id}"]`);
+  if (row) row.remove();
+  send({ type: "connections" });
 }
 
 function onTrace(event) {

@@ -1,0 +1,129 @@
+"""The dashboard in a real browser: Playwright driving Debian's chromium, headless.
+
+scripts/test installs chromium when it is missing; this test fails (it does not skip) without it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.conftest import make_config, port_of
+from trio_echo.server import EchoServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chart_points(page: Any) -> int:
+    return int(page.locator("#chart").get_attribute("data-points") or 0)
+
+
+def drive_browser(admin_url: str, token: str, echo_port: int, shots: Path) -> dict[str, object]:
+    """Runs in a worker thread (Playwright's sync API has its own loop) while trio serves."""
+    from playwright.sync_api import sync_playwright
+
+    requests: list[str] = []
+    seen: dict[str, object] = {}
+    clients: list[socket.socket] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("websocket", lambda ws: requests.append(ws.url))
+            page.goto(f"{admin_url}#token={token}")
+            active = page.locator("#active")
+            active.filter(has_text=re.compile("^0$")).wait_for(timeout=15_000)
+            seen["status"] = page.locator("#status").inner_text()
+            for _ in range(3):
+                client = socket.create_connection(("127.0.0.1", echo_port), timeout=10)
+                client.sendall(b"hello")
+                assert client.recv(10) == b"hello"
+                clients.append(client)
+            # (the dashboard's CSP forbids eval, so waits are locators, not wait_for_function)
+            active.filter(has_text=re.compile("^3$")).wait_for(timeout=15_000)
+            rows = page.locator("#connections tbody tr[data-id]")
+            rows.nth(2).wait_for(timeout=15_000)
+            seen["rows"] = rows.count()
+            points_before = chart_points(page)
+            rows.first.locator("button.close").click()
+            active.filter(has_text=re.compile("^2$")).wait_for(timeout=15_000)
+            # stats arrive every 0.2 s and each adds a point: the chart grows (polled, bounded: the
+            # value moves on faster than Playwright's locator polling could catch one exact number)
+            deadline = time.monotonic() + 15
+            while chart_points(page) < points_before + 3:
+                assert time.monotonic() < deadline, "the chart gained no points"
+                page.wait_for_timeout(100)
+            seen["points"] = chart_points(page)
+            seen["closed_client_eof"] = clients[0].recv(10) == b""
+            page.screenshot(path=str(shots / "dashboard.png"), full_page=True)
+
+            bad = browser.new_page()
+            bad.on("request", lambda r: requests.append(r.url))
+            bad.goto(f"{admin_url}#token=not-the-token")
+            message = bad.locator("#login-message")
+            message.filter(has_text="not accepted").wait_for(timeout=15_000)
+            seen["bad_token_message"] = message.inner_text()
+            seen["bad_token_status"] = bad.locator("#status").inner_text()
+            bad.screenshot(path=str(shots / "wrong-token.png"))
+        finally:
+            browser.close()
+            for client in clients:
+                client.close()
+    seen["requests"] = requests
+    return seen
+
+
+async def test_dashboard_live_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert os.path.exists(CHROMIUM), (
+        "chromium is missing: scripts/test installs it (apt-get install chromium)"
+    )
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    config = make_config(
+        server={"listen": ["127.0.0.1:0"]},
+        admin={"listen": "127.0.0.1:0", "stats_interval": 0.2},
+        trace={"flags": "error,info,conn"},
+    )
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            server: EchoServer = await nursery.start(EchoServer(config).run)
+            assert server.admin is not None
+            assert server.admin.token is not None
+            admin_url = f"http://127.0.0.1:{port_of(server.admin_addresses[0])}/"
+            started = time.monotonic()
+            seen = await trio.to_thread.run_sync(
+                drive_browser, admin_url, server.admin.token, port_of(server.addresses[0]), tmp_path
+            )
+            server.stop()
+    assert seen["status"] == "live"
+    assert seen["rows"] == 3
+    assert seen["closed_client_eof"] is True
+    assert isinstance(seen["points"], int)
+    assert seen["points"] >= 3
+    assert "not accepted" in str(seen["bad_token_message"])
+    assert seen["bad_token_status"] == "wrong token"
+    assert server.stats.closed["admin"] == 1
+    origin = admin_url.removeprefix("http://").rstrip("/")
+    foreign = [url for url in seen["requests"] if url.split("/")[2] != origin]  # type: ignore[union-attr]
+    assert foreign == [], f"requests left the admin origin: {foreign}"
+    assert any(url.startswith(f"ws://{origin}/ws") for url in seen["requests"])  # type: ignore[union-attr]
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert time.monotonic() - started < 120
