@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -296,9 +299,13 @@ async def test_oversized_message_closes_with_1009() -> None:
     async with admin_server() as server, channel(server) as ws:
         await next_of(ws, "hello")
         await ws.send_message("x" * (64 * 1024 + 1))
-        with pytest.raises(ConnectionClosed) as info:
+
+        async def read_until_closed() -> None:
             while True:
                 await ws.get_message()
+
+        with pytest.raises(ConnectionClosed) as info:
+            await read_until_closed()
         assert info.value.reason.code == 1009
         # trio-websocket's aclose() is a no-op once the peer has closed, and its reader task may be
         # cancelled before it closes the TCP stream: close it here so the test leaks nothing.
@@ -350,5 +357,83 @@ def test_token_file_is_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
     server = EchoServer(make_config(admin={"listen": "0.0.0.0:0", "token_file": str(path)}))
     assert server.admin is not None
     assert server.admin.token == "from_a_file"
-    with pytest.raises(ConfigError, match="admin.token_file"):
+    with pytest.raises(ConfigError, match=r"admin\.token_file"):
         EchoServer(make_config(admin={"listen": "127.0.0.1:0", "token_file": str(tmp_path / "missing")}))
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "trio_echo", "admin", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+async def test_admin_command_line(runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    async with admin_server() as server:
+        address = server.admin_addresses[0]
+        echo = await trio.open_tcp_stream("127.0.0.1", port_of(server.addresses[0]))
+        await echo.send_all(b"abc")
+        assert await echo.receive_some(10) == b"abc"
+        stats = await cli(address, "stats")  # finds the generated token file via $RUNTIME_DIRECTORY
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["connections"]["active"] == 1
+        listing = await cli(address, "connections")
+        (item,) = json.loads(listing.stdout)
+        assert item["bytes_in"] == 3
+        assert (
+            await cli(address, "close", str(item["id"]))
+        ).stdout == f"closed connection {item['id']}\n".encode()
+        assert await echo.receive_some(10) == b""
+        missing = await cli(address, "close", "12345")
+        assert missing.returncode == 1
+        assert b"no open connection with id 12345" in missing.stderr
+        wrong = await cli(address, "stats", env={"RUNTIME_DIRECTORY": "/nonexistent"})
+        assert wrong.returncode == 1
+        assert wrong.stderr.startswith(b"trio-echo admin: no admin token: cannot read /nonexistent/")
+        bad_token = await cli(
+            address, "stats", env={"TRIO_ECHO_ADMIN_TOKEN": "nope", "RUNTIME_DIRECTORY": ""}
+        )
+        assert bad_token.returncode == 1
+        assert b"wrong or missing admin token" in bad_token.stderr
+        await echo.aclose()
+    refused = await cli(address, "stats")
+    assert refused.returncode == 1
+    assert b"trio-echo admin: " in refused.stderr
+    assert refused.stderr.count(b"\n") == 1
+
+
+async def test_admin_trace_command_streams_json_lines(runtime_dir) -> None:  # type: ignore[no-untyped-def]
+    async with admin_server() as server:
+        out = runtime_dir / "trace.jsonl"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    trio.run_process,
+                    [
+                        sys.executable,
+                        "-m",
+                        "trio_echo",
+                        "admin",
+                        server.admin_addresses[0],
+                        "trace",
+                        "--flags",
+                        "conn",
+                        "-o",
+                        str(out),
+                    ],
+                    check=False,
+                )
+            )
+            with trio.fail_after(20):
+                while not server.tracer.subscribers:  # noqa: ASYNC110 - waiting for the subprocess
+                    await trio.sleep(0.05)
+                echo = await trio.open_tcp_stream("127.0.0.1", port_of(server.addresses[0]))
+                await echo.aclose()
+                while not out.exists() or b"conn.close" not in out.read_bytes():  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        events = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [e["event"] for e in events][:2] == ["conn.open", "conn.close"]

@@ -48,7 +48,8 @@ from trio_echo.events import Flag
         (
             '{"type":"reboot"}',
             protocol.Invalid(
-                "unknown message type 'reboot' (known: subscribe, unsubscribe, connections, close, set_trace_flags)"
+                "unknown message type 'reboot' "
+                "(known: subscribe, unsubscribe, connections, close, set_trace_flags)"
             ),
         ),
     ],

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ._version import __version__
+from .admin.client import main as admin_main
 from .config import Config, config_from_toml, config_to_toml, with_overrides
 from .daemon import EXIT_OK, EXIT_USAGE, raise_nofile_limit, run
 from .errors import ConfigError
@@ -42,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("path", metavar="PATH")
+
+    admin = commands.add_parser("admin", help="talk to a running server's admin port")
+    admin.add_argument("address", metavar="ADDR", help="the admin port, e.g. 127.0.0.1:40008")
+    admin.add_argument(
+        "--token-file", metavar="PATH", help="default: $TRIO_ECHO_ADMIN_TOKEN or the generated file"
+    )
+    actions = admin.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    actions.add_parser("stats", help="print the live counts once (JSON)")
+    actions.add_parser("connections", help="print the open connections (JSON)")
+    close = actions.add_parser("close", help="close one connection gracefully")
+    close.add_argument("id", type=int, metavar="ID")
+    trace = actions.add_parser("trace", help="print trace events as JSON lines until interrupted")
+    trace.add_argument("--flags", default="error,info,conn", metavar="F", help="e.g. error,conn or 0x5")
+    trace.add_argument("-o", "--output", metavar="FILE", help="append events to FILE instead of stdout")
     return parser
 
 
@@ -66,6 +81,8 @@ def load_config(path: str | None) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-echo`` and ``python -m trio_echo``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        return admin_main(args)
     try:
         if args.command == "check-config":
             config = load_config(args.path)

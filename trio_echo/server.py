@@ -301,6 +301,7 @@ class EchoServer:
         except Exception:
             # A bug hit by one client must not take down the others: log it, close this one only.
             logger.exception("connection %d from %s failed", info.id, peer)
+            tracer.emit(Flag.ERROR, "error", conn_id=info.id, peer=peer, message="connection handler failed")
         finally:
             self.stats.close(info, reason)
             self.admission.release(ip)

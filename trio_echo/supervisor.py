@@ -293,6 +293,8 @@ class Supervisor:
         name = exit_.child.spec.name
         if exit_.kind is ExitKind.ERROR:
             logger.error("%s failed: %s", name, _describe(exit_.error))
+            if self._tracer is not None:
+                self._tracer.emit(Flag.ERROR, "error", child=name, message=_describe(exit_.error))
         else:
             logger.info("%s exited (%s)", name, exit_.kind.value)
 

@@ -20,9 +20,10 @@ from .events import ALL_FLAGS, Event, Flag
 
 Sink = Callable[[Event], None]
 
-# Lifecycle (info) events also have a prose log line where they happen ("listening on ..."), so in the
-# human log they show only at debug level; per-connection events are what an operator turns conn on for.
-_LOG_LEVELS = {Flag.ERROR: logging.ERROR, Flag.INFO: logging.DEBUG, Flag.CONN: logging.INFO}
+# Lifecycle (info) and error events also have a prose log line where they happen ("listening on ...",
+# a traceback), so in the human log they show only at debug level; per-connection events are what an
+# operator turns the conn flag on for, and the log is where they go.
+_LOG_LEVELS = {Flag.ERROR: logging.DEBUG, Flag.INFO: logging.DEBUG, Flag.CONN: logging.INFO}
 
 SUBSCRIBER_QUEUE = 1024  # events buffered per subscriber before the oldest are dropped
 
@@ -81,6 +82,11 @@ class Tracer:
     def dropped(self) -> int:
         """Events dropped by every subscriber so far (including ones that have unsubscribed)."""
         return self._dropped_by_gone + sum(s.dropped for s in self._sinks if isinstance(s, Subscriber))
+
+    @property
+    def subscribers(self) -> int:
+        """Live subscribers (admin channels, the trace file)."""
+        return sum(isinstance(s, Subscriber) for s in self._sinks)
 
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
