@@ -19,6 +19,11 @@ class StopAccepting(Exception):
     pass
 
 
+class AcceptedSocket:
+    def setblocking(self, flag: bool) -> None:
+        assert flag is False
+
+
 class ScriptedSocket:
     """Stands in for the kernel's accept(2): fails with the given errnos, then yields one connection."""
 
@@ -26,12 +31,11 @@ class ScriptedSocket:
         self.failures = list(failures)
         self.sleeps: list[float] = []
 
-    async def accept(self) -> tuple[object, object]:
-        await trio.lowlevel.checkpoint()
+    def accept(self) -> tuple[object, object]:
         if self.failures:
             code = self.failures.pop(0)
             raise OSError(code, os.strerror(code))
-        return "sock", ("127.0.0.1", 1)
+        return AcceptedSocket(), ("127.0.0.1", 1)
 
     def close(self) -> None:
         pass

@@ -47,12 +47,13 @@ CAPACITY_LOG_INTERVAL = 1.0  # at most one line per second per listener while ou
 class ListeningSocket:
     """A bound, listening socket; for Unix sockets also the file we created (removed on close)."""
 
-    sock: trio.socket.SocketType
+    sock: stdlib_socket.socket  # non-blocking; accept_loop waits for readability through trio
     name: str
     unix_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
     unix_path: str | None = None
 
     def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)  # wakes an accept loop still waiting on it
         self.sock.close()
         if self.unix_path is not None and self.unix_identity is not None:
             # Remove the file only if it is still the one we made: a newer instance may own the path.
@@ -125,8 +126,8 @@ async def _resolve(address: Address) -> list[tuple[int, str]]:
 
 async def _open_inet(
     family: int, host: str, port: int, backlog: int, socket_buffer: int
-) -> trio.socket.SocketType:
-    sock = trio.socket.socket(family, stdlib_socket.SOCK_STREAM)
+) -> stdlib_socket.socket:
+    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
     try:
         if sys.platform != "win32":
             # Rebind at once after a restart even with connections in TIME_WAIT.
@@ -138,8 +139,9 @@ async def _open_inet(
             # Set on the listener so accepted sockets inherit it before window scaling is negotiated.
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, socket_buffer)
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, socket_buffer)
-        await sock.bind((host, port))
+        sock.bind((host, port))  # numeric: getaddrinfo already resolved it
         sock.listen(backlog)
+        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
@@ -148,11 +150,12 @@ async def _open_inet(
 
 async def _open_unix(path: str, *, backlog: int) -> ListeningSocket:
     _remove_stale_unix_socket(path)
-    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
+        sock.bind(path)
         st = os.stat(path)
         sock.listen(backlog)
+        sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise ListenerError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from exc
@@ -186,11 +189,13 @@ def _remove_stale_unix_socket(path: str) -> None:
     raise ListenerError(f"cannot listen on unix:{path}: another process is listening there")
 
 
-OnAccept = Callable[[trio.socket.SocketType, object], None]
+OnAccept = Callable[[stdlib_socket.socket, object], None]
+ACCEPT_BATCH = 16  # accepts in a row before yielding to other tasks
 
 
 async def accept_loop(listener: ListeningSocket, on_accept: OnAccept) -> None:
-    """Accept forever, calling ``on_accept(sock, peer_sockaddr)`` for each connection.
+    """Accept forever, calling ``on_accept(sock, peer_sockaddr)`` for each connection (a non-blocking
+    stdlib socket, now owned by the callback).
 
     Per-connection accept failures are skipped; running out of descriptors or memory pauses accepting
     with exponential backoff (existing connections are unaffected) and logs at most one line per second.
@@ -199,9 +204,15 @@ async def accept_loop(listener: ListeningSocket, on_accept: OnAccept) -> None:
     backoff = ACCEPT_BACKOFF_INITIAL
     last_logged = -CAPACITY_LOG_INTERVAL
     suppressed = 0
+    batch = 0
+    sock = listener.sock
     while True:
         try:
-            sock, peer = await listener.sock.accept()
+            conn, peer = sock.accept()
+        except BlockingIOError:
+            batch = 0
+            await trio.lowlevel.wait_readable(sock)
+            continue
         except OSError as exc:
             if exc.errno in ACCEPT_IGNORED_ERRNOS:
                 continue
@@ -224,4 +235,9 @@ async def accept_loop(listener: ListeningSocket, on_accept: OnAccept) -> None:
             backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
             continue
         backoff = ACCEPT_BACKOFF_INITIAL
-        on_accept(sock, peer)
+        conn.setblocking(False)
+        on_accept(conn, peer)
+        batch += 1
+        if batch >= ACCEPT_BATCH:  # a flood of connects must not starve the connections
+            batch = 0
+            await trio.lowlevel.checkpoint()

@@ -24,7 +24,7 @@ from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
 from .admission import Admission
 from .config import Config, ListenerConfig
-from .connection import Connection, refuse
+from .connection import Connection, as_stream, refuse
 from .echo import EchoSession
 from .errors import SupervisorGaveUp
 from .events import Flag
@@ -240,16 +240,18 @@ class EchoServer:
             self.tracer.emit(Flag.INFO, "listener.down", listener=entry.label)
 
     def _accepted(
-        self, entry: ListenerConfig, listener: ListeningSocket, sock: trio.socket.SocketType, peer: object
+        self, entry: ListenerConfig, listener: ListeningSocket, sock: stdlib_socket.socket, peer: object
     ) -> None:
         ip: str | None = None
         if sock.family != stdlib_socket.AF_UNIX:
             _configure_accepted(sock, keepalive=self.config.limits.keepalive)
             ip = str(peer[0]) if isinstance(peer, tuple) else None
-        stream = trio.SocketStream(sock)  # sets TCP_NODELAY on TCP sockets
-        self._admit(stream, ip, format_sockaddr(peer) if peer else listener.name, entry.label)
+        # The socket itself goes to the connection: the pump's fast path talks to it directly.
+        self._admit(sock, ip, format_sockaddr(peer) if peer else listener.name, entry.label)
 
-    def _admit(self, stream: trio.abc.Stream, ip: str | None, peer: str, listener: str) -> None:
+    def _admit(
+        self, stream: trio.abc.Stream | stdlib_socket.socket, ip: str | None, peer: str, listener: str
+    ) -> None:
         """Admit or refuse a new connection, synchronously, so the counts the next accept sees are
         exact (a task started now runs later)."""
         assert self._handlers is not None
@@ -263,17 +265,22 @@ class EchoServer:
         self.stats.refuse(reason)
         if self.tracer.flags & Flag.CONN:
             self.tracer.emit(Flag.CONN, "conn.refused", peer=peer, listener=listener, reason=reason)
+        if isinstance(stream, stdlib_socket.socket):
+            if self._lingering_refusals >= self._max_lingering_refusals:
+                stream.close()  # a flood: no descriptor may wait on a polite goodbye
+                return
+            stream = as_stream(stream)
         if self._lingering_refusals < self._max_lingering_refusals:
             self._lingering_refusals += 1
             self._handlers.start_soon(self._refuse, stream)
-        elif isinstance(stream, trio.SocketStream):
-            stream.socket.close()
         else:
             self._handlers.start_soon(trio.aclose_forcefully, stream)
 
     # -- connections (handler nursery) ----------------------------------------------------------------
 
-    async def _serve(self, stream: trio.abc.Stream, info: ConnectionInfo, ip: str | None) -> None:
+    async def _serve(
+        self, stream: trio.abc.Stream | stdlib_socket.socket, info: ConnectionInfo, ip: str | None
+    ) -> None:
         limits = self.config.limits
         session = info.session
         peer, listener, now = info.peer, info.listener, info.opened
@@ -328,10 +335,12 @@ class EchoServer:
             self._lingering_refusals -= 1
 
 
-def _configure_accepted(sock: trio.socket.SocketType, *, keepalive: bool) -> None:
-    if not keepalive:
-        return
+def _configure_accepted(sock: stdlib_socket.socket, *, keepalive: bool) -> None:
     try:
+        # Echo small writes at once (what trio.SocketStream would do for us).
+        sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+        if not keepalive:
+            return
         sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE, 1)
         for name, value in KEEPALIVE_OPTIONS:
             option = getattr(stdlib_socket, name, None)

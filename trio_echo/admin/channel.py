@@ -37,8 +37,10 @@ def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
         "bytes_in": info.bytes_in,
         "bytes_out": info.bytes_out,
     }
-    if sys.platform == "linux" and isinstance(info.transport, trio.SocketStream):
-        sock = info.transport.socket
+    sock: object = info.transport
+    if isinstance(sock, trio.SocketStream):
+        sock = sock.socket
+    if sys.platform == "linux" and isinstance(sock, stdlib_socket.socket | trio.socket.SocketType):
         if sock.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
             with contextlib.suppress(OSError):  # it may be closing as we ask
                 raw = sock.getsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_INFO, SIZE)

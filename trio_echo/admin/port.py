@@ -12,6 +12,7 @@ import importlib.resources
 import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from trio_websocket import wrap_server_stream
 
 from trio_echo.addresses import format_host_port, parse_address
 from trio_echo.config import AdminConfig
+from trio_echo.connection import as_stream
 from trio_echo.errors import ConfigError
 from trio_echo.listeners import accept_loop, open_listeners
 
@@ -101,12 +103,12 @@ class AdminServer:
             for item in sockets:
                 item.close()
 
-    def _accepted(self, nursery: trio.Nursery, sock: trio.socket.SocketType, _peer: object) -> None:
+    def _accepted(self, nursery: trio.Nursery, sock: socket.socket, _peer: object) -> None:
         if self._sockets >= self.config.max_connections + SOCKET_SLACK:
             sock.close()  # a flood: do not spend descriptors on telling it so
             return
         self._sockets += 1
-        nursery.start_soon(self._handle, trio.SocketStream(sock))
+        nursery.start_soon(self._handle, as_stream(sock))
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
