@@ -31,10 +31,16 @@ def connection(
     farewell: bytes = b"",
     **kw: float,
 ) -> Connection:
-    return Connection(stream, EchoSession(size, greeting, farewell), **kw)  # type: ignore[arg-type]
+    scratch = SHARED_SCRATCH if any(stream is sock for sock in _shared) else None
+    return Connection(stream, EchoSession(size, greeting, farewell), scratch=scratch, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["stream", "socket"])
+# "shared": the socket pump reading into one buffer shared by every connection, as the server runs it
+SHARED_SCRATCH = memoryview(bytearray(1 << 16))
+_shared: list[socket.socket] = []
+
+
+@pytest.fixture(params=["stream", "socket", "shared"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -53,6 +59,8 @@ def make_pair(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
     ours.setblocking(False)
     _opened.append(theirs)
+    if kind == "shared":
+        _shared.append(ours)
     return trio.SocketStream(trio.socket.from_stdlib_socket(theirs)), ours
 
 
@@ -65,6 +73,7 @@ def close_client_sockets():  # type: ignore[no-untyped-def]
     yield
     while _opened:
         _opened.pop().close()
+    _shared.clear()
 
 
 async def test_echo_half_close_and_farewell(kind: str) -> None:

@@ -36,7 +36,8 @@ from .trace import Tracer
 
 LINGER_CHUNK = 16384  # read size while discarding input during a lingering close
 FAIR_SHARE = 32  # socket-pump operations between checkpoints when the kernel never says EAGAIN
-# recv/send failures that mean the peer is gone (reset, or unreachable after retransmissions/keepalive)
+# recv/send/shutdown failures that mean the peer is gone: reset, unreachable after retransmissions or
+# keepalive probes, or (ENOTCONN from shutdown) torn down by a reset we had not read yet.
 PEER_GONE_ERRNOS = frozenset(
     {
         errno.ECONNRESET,
@@ -45,6 +46,7 @@ PEER_GONE_ERRNOS = frozenset(
         errno.EHOSTUNREACH,
         errno.ENETUNREACH,
         errno.ECONNABORTED,
+        errno.ENOTCONN,
     }
 )
 
@@ -58,6 +60,10 @@ class Connection:
         session: the echo state for this connection.
         idle_timeout, send_timeout, max_lifetime, linger_timeout: seconds, 0 = off.
         tracer, conn_id: per-chunk ``data`` events go here when that flag is on.
+        scratch: a read buffer of at least ``session.buffer_size`` bytes shared by the socket pumps of one
+            event loop. Between ``recv_into`` and ``send`` nothing awaits, so connections can share it;
+            echo left unsent when the kernel says EAGAIN is copied out first (``EchoSession.detach``).
+            Without it the pump allocates a private buffer when its first byte arrives.
     """
 
     __slots__ = (
@@ -69,6 +75,7 @@ class Connection:
         "_linger_timeout",
         "_phase",
         "_read_cap",
+        "_scratch",
         "_send_timeout",
         "_tracer",
         "close_reason",
@@ -90,6 +97,7 @@ class Connection:
         max_bytes_per_second: int = 0,
         tracer: Tracer | None = None,
         conn_id: int = 0,
+        scratch: memoryview | None = None,
     ) -> None:
         self.stream = stream
         self.session = session
@@ -111,6 +119,7 @@ class Connection:
         self._read_cap = min(session.buffer_size, max_bytes_per_second or session.buffer_size)
         self._activity = now
         self._buffer: memoryview | None = None  # socket pump: allocated when the first byte arrives
+        self._scratch = scratch
 
     def close(self, reason: str) -> None:
         """Ask the connection to stop echoing and close gracefully; the first reason given wins."""
@@ -175,7 +184,9 @@ class Connection:
                 try:
                     sent = sock.send(session.outgoing)
                 except BlockingIOError:
-                    # The client is not reading: from now on, send_timeout limits the wait.
+                    # The client is not reading: from now on, send_timeout limits the wait, and the
+                    # unsent echo must leave the shared buffer before anyone else reads into it.
+                    session.detach()
                     self._arm(self._send_timeout, "send_timeout")
                     await trio.lowlevel.wait_writable(sock)
                     continue
@@ -186,13 +197,16 @@ class Connection:
                 bucket = self._bucket
                 if bucket is not None:
                     await self._throttle(bucket)
-                buffer = self._buffer
+                if ops >= FAIR_SHARE:  # (only here, where no echo is pending in the shared buffer)
+                    ops = 0
+                    await trio.lowlevel.checkpoint()
+                buffer = self._scratch or self._buffer
                 if buffer is None:
                     # An idle connection holds no buffer: wait for the first byte before making one.
                     await self._wait_readable(sock)
                     buffer = self._buffer = memoryview(bytearray(self._read_cap))
                 try:
-                    count = sock.recv_into(buffer)
+                    count = sock.recv_into(buffer, self._read_cap)
                 except BlockingIOError:
                     await self._wait_readable(sock)
                     continue
@@ -208,9 +222,6 @@ class Connection:
             else:
                 return
             ops += 1
-            if ops >= FAIR_SHARE:
-                ops = 0
-                await trio.lowlevel.checkpoint()
 
     async def _wait_readable(self, sock: socket.socket) -> None:
         if self._phase != "idle":

@@ -101,6 +101,12 @@ class EchoSession:
         """Record that our side is half-closed."""
         self.eof_sent = True
 
+    def detach(self) -> None:
+        """Copy the unsent bytes out of the caller's buffer, so the buffer can be reused (the socket
+        pump reads into one buffer shared by every connection and calls this before it waits)."""
+        if self._outgoing:
+            self._outgoing = memoryview(bytes(self._outgoing))
+
     @property
     def unsent(self) -> int:
         """Bytes received (or queued to greet) and not yet sent."""

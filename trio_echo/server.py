@@ -92,6 +92,8 @@ class EchoServer:
         self._greeting = config.server.greeting.encode()
         self._farewell = config.server.farewell.encode()
         self._refusal = config.limits.refusal.encode()
+        # One read buffer for every socket pump of this server (see Connection's ``scratch``).
+        self._scratch = memoryview(bytearray(config.limits.buffer_size))
         self._handlers: trio.Nursery | None = None
         self._stop = trio.Event()
         self._quiet = trio.Event()
@@ -294,6 +296,7 @@ class EchoServer:
             max_bytes_per_second=limits.max_bytes_per_second,
             tracer=self.tracer,
             conn_id=info.id,
+            scratch=self._scratch,
         )
         info.closer = conn.close
         info.transport = stream
