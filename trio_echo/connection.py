@@ -178,6 +178,7 @@ class Connection:
         session = self.session
         tracer = self._tracer
         ops = 0
+        drained = False
         while True:
             step = session.next_step()
             if step is Step.SEND:
@@ -197,19 +198,25 @@ class Connection:
                 bucket = self._bucket
                 if bucket is not None:
                     await self._throttle(bucket)
-                if ops >= FAIR_SHARE:  # (only here, where no echo is pending in the shared buffer)
+                buffer = self._scratch or self._buffer
+                if drained or buffer is None:
+                    # The last read emptied the kernel's buffer (it returned less than asked), so a
+                    # read now would only say EAGAIN: wait first and save the syscall. (An idle
+                    # connection also waits here before it gets a private buffer, if it needs one.)
+                    drained = False
+                    ops = 0
+                    await self._wait_readable(sock)
+                    if buffer is None:
+                        buffer = self._buffer = memoryview(bytearray(self._read_cap))
+                elif ops >= FAIR_SHARE:  # (only here, where no echo is pending in the shared buffer)
                     ops = 0
                     await trio.lowlevel.checkpoint()
-                buffer = self._scratch or self._buffer
-                if buffer is None:
-                    # An idle connection holds no buffer: wait for the first byte before making one.
-                    await self._wait_readable(sock)
-                    buffer = self._buffer = memoryview(bytearray(self._read_cap))
                 try:
                     count = sock.recv_into(buffer, self._read_cap)
                 except BlockingIOError:
                     await self._wait_readable(sock)
                     continue
+                drained = 0 < count < self._read_cap
                 self._activity = trio.current_time()
                 session.received(buffer[:count])
                 if bucket is not None:
