@@ -10,6 +10,7 @@ from typing import NoReturn
 
 from ._version import __version__
 from .admin.client import main as admin_main
+from .client import main as client_main
 from .config import Config, config_from_toml, config_to_toml, with_overrides
 from .daemon import EXIT_OK, EXIT_USAGE, raise_nofile_limit, run
 from .errors import ConfigError
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("path", metavar="PATH")
+
+    client = commands.add_parser("client", help="interactive echo client (stdin to server, echo to stdout)")
+    client.add_argument("address", metavar="ADDR", help="HOST:PORT, [V6]:PORT or unix:/path")
+    client.add_argument(
+        "--bye", metavar="MESSAGE", help="send MESSAGE, half-close, verify the echo and the farewell"
+    )
+    client.add_argument("--timeout", type=float, default=10.0, metavar="S", help="for --bye (default 10)")
 
     admin = commands.add_parser("admin", help="talk to a running server's admin port")
     admin.add_argument("address", metavar="ADDR", help="the admin port, e.g. 127.0.0.1:40008")
@@ -83,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "admin":
         return admin_main(args)
+    if args.command == "client":
+        return client_main(args)
     try:
         if args.command == "check-config":
             config = load_config(args.path)

@@ -1,0 +1,115 @@
+"""``trio-echo client ADDR [--bye MESSAGE]``: an interactive echo client, and the Hyper-V handshake.
+
+Interactive (like ``nc``): standard input goes to the server as it comes, what the server sends goes to
+standard output; end of input (Ctrl-D) half-closes, and whatever the server still sends (the end of the
+echo, a farewell) is printed until it closes. ``--bye MESSAGE`` sends MESSAGE plus a newline,
+half-closes, checks the echo byte for byte and prints what follows it; exit 0 only for a verified echo
+followed by a non-empty farewell (PRODUCT.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import BinaryIO
+
+import trio
+
+from .addresses import Address, parse_address
+from .errors import AddressError, TrioEchoError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+READ_SIZE = 65536
+
+
+class ClientError(TrioEchoError):
+    """Why the client could not do its job, in one line."""
+
+
+async def connect(address: Address) -> trio.abc.HalfCloseableStream:
+    """Open a stream to ``address`` (TCP v4/v6 by name or literal, or a Unix socket)."""
+    if address.transport != "tcp":
+        raise ClientError(f"{address}: the {address.transport} transport is not supported by this client yet")
+    try:
+        if address.path is not None:
+            return await trio.open_unix_socket(address.path)
+        return await trio.open_tcp_stream(address.host or "localhost", address.port)
+    except OSError as exc:
+        raise ClientError(f"cannot connect to {address}: {exc.strerror or exc}") from None
+
+
+async def _read_to_end(stream: trio.abc.ReceiveStream, sink: BinaryIO | None = None) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some(READ_SIZE):
+        data += chunk
+        if sink is not None:
+            sink.write(chunk)
+            sink.flush()
+    return bytes(data)
+
+
+async def bye(address: Address, message: str, *, out: BinaryIO, err: BinaryIO, within: float) -> int:
+    """The Hyper-V sample's handshake: send, half-close, verify the echo, print the farewell."""
+    payload = message.encode() + b"\n"
+    stream = await connect(address)
+    async with stream:
+        with trio.move_on_after(within) as scope:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            received = await _read_to_end(stream)
+    if scope.cancelled_caught:
+        err.write(f"trio-echo client: no EOF from {address} within {within:g} s\n".encode())
+        return EXIT_FAILED
+    start = received.find(payload)  # anything before it is a greeting
+    if start < 0:
+        err.write(b"trio-echo client: the echo did not match what was sent\n")
+        return EXIT_FAILED
+    farewell = received[start + len(payload) :]
+    out.write(farewell)
+    out.flush()
+    if not farewell:
+        err.write(b"trio-echo client: the echo matched, but no farewell came before EOF\n")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def interactive(address: Address, *, stdin: BinaryIO, out: BinaryIO) -> int:
+    """Copy stdin to the server and the server to stdout until both directions are done."""
+    stream = await connect(address)
+    async with stream:
+
+        async def pump_input() -> None:
+            while True:
+                line = await trio.to_thread.run_sync(stdin.readline, abandon_on_cancel=True)
+                if not line:
+                    break
+                await stream.send_all(line)
+            await stream.send_eof()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump_input)
+                await _read_to_end(stream, out)
+                nursery.cancel_scope.cancel()  # the server closed: stop reading input too
+        except* trio.BrokenResourceError:
+            raise ClientError(f"{address} reset the connection") from None
+    return EXIT_OK
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point from the CLI; one line on stderr and exit 1 when something fails."""
+    try:
+        address = parse_address(args.address)
+        if args.bye is not None:
+            return trio.run(
+                lambda: bye(
+                    address, args.bye, out=sys.stdout.buffer, err=sys.stderr.buffer, within=args.timeout
+                )
+            )
+        return trio.run(lambda: interactive(address, stdin=sys.stdin.buffer, out=sys.stdout.buffer))
+    except (ClientError, AddressError) as exc:
+        print(f"trio-echo client: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
