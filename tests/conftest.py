@@ -10,6 +10,8 @@ import trio
 from trio_echo.config import Config, config_from_mapping
 from trio_echo.server import EchoServer
 
+pytest_plugins = ["pytester"]
+
 
 def has_ipv6_loopback() -> bool:
     if not socket.has_ipv6:
