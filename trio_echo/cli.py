@@ -10,6 +10,8 @@ from typing import NoReturn
 
 from ._version import __version__
 from .admin.client import main as admin_main
+from .bench import add_arguments as add_bench_arguments
+from .bench import main as bench_main
 from .client import main as client_main
 from .config import Config, config_from_toml, config_to_toml, with_overrides
 from .daemon import EXIT_OK, EXIT_USAGE, raise_nofile_limit, run
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--timeout", type=float, default=10.0, metavar="S", help="for --bye (default 10)")
 
+    bench = commands.add_parser("bench", help="byte-verifying load generator with latency percentiles")
+    add_bench_arguments(bench)
+
     admin = commands.add_parser("admin", help="talk to a running server's admin port")
     admin.add_argument("address", metavar="ADDR", help="the admin port, e.g. 127.0.0.1:40008")
     admin.add_argument(
@@ -93,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin_main(args)
     if args.command == "client":
         return client_main(args)
+    if args.command == "bench":
+        return bench_main(args)
     try:
         if args.command == "check-config":
             config = load_config(args.path)

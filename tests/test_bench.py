@@ -1,0 +1,179 @@
+"""``trio-echo bench`` against trio_echo and against test-owned broken servers (loopback, bounded)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+
+from tests.conftest import make_config, running_server
+from trio_echo.benchmodel import PERIOD, Pattern, Tally, report
+
+KEYS = {"verified", "roundtrips_per_s", "mb_per_s", "errors", "error_kinds", "latency_us"}
+
+
+async def bench(*args: str) -> tuple[int, dict[str, object]]:
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-m", "trio_echo", "bench", *args, "--json"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--count", "300", "--connections", "3"),
+        (
+            "--duration",
+            "1",
+            "--mode",
+            "stream",
+            "--connections",
+            "2",
+            "--size",
+            "65536",
+            "--window",
+            "131072",
+        ),
+        ("--count", "200", "--connections", "4", "--processes", "2"),
+        ("--count", "200", "--connections", "2", "--rate", "500"),
+    ],
+)
+async def test_against_trio_echo(args: tuple[str, ...]) -> None:
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        code, result = await bench(server.addresses[0], *args)
+    assert code == 0, result
+    assert set(result) >= KEYS
+    assert result["verified"] is True
+    assert result["errors"] == 0
+    latency = result["latency_us"]
+    assert isinstance(latency, dict)
+    assert set(latency) == {"p50", "p90", "p99", "p999", "max"}
+    if "stream" not in args:
+        assert result["roundtrips"] in (300, 200)
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["p999"] <= latency["max"]
+    else:
+        assert isinstance(result["mb_per_s"], float)
+        assert result["mb_per_s"] > 0
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def flip_a_byte(stream: trio.SocketStream) -> None:
+    while data := await stream.receive_some(65536):
+        await stream.send_all(bytes([data[0] ^ 0x40]) + data[1:])
+
+
+async def truncate(stream: trio.SocketStream) -> None:
+    data = await stream.receive_some(65536)
+    await stream.send_all(data[: len(data) // 2])
+    await stream.aclose()
+
+
+async def close_at_once(stream: trio.SocketStream) -> None:
+    await stream.aclose()
+
+
+async def serve(handler: Handler, nursery: trio.Nursery) -> str:
+    async def wrapped(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await handler(stream)
+
+    (listener,) = await nursery.start(functools.partial(trio.serve_tcp, wrapped, 0, host="127.0.0.1"))
+    return f"127.0.0.1:{listener.socket.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("handler", "kinds"),
+    # (a server that closes at once may be seen as an early EOF or, if our send lost the race, a reset)
+    [(flip_a_byte, ("mismatch",)), (truncate, ("eof",)), (close_at_once, ("eof", "reset"))],
+)
+async def test_broken_servers_are_caught(handler: Handler, kinds: tuple[str, ...]) -> None:
+    async with trio.open_nursery() as nursery:
+        address = await serve(handler, nursery)
+        code, result = await bench(address, "--count", "50", "--connections", "2")
+        nursery.cancel_scope.cancel()
+    assert code != 0
+    assert result["verified"] is False
+    error_kinds = result["error_kinds"]
+    assert isinstance(error_kinds, dict)
+    assert sum(error_kinds[kind] for kind in kinds) == 2  # each connection fails once and stops
+    assert result["errors"] == 2
+
+
+async def test_connect_failures_are_counted() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nobody listens there now
+    code, result = await bench(f"127.0.0.1:{port}", "--count", "10", "--connections", "3")
+    assert code != 0
+    assert result["error_kinds"] == {"connect": 3, "mismatch": 0, "eof": 0, "reset": 0, "timeout": 0}
+
+
+async def test_open_loop_rate_does_not_hide_a_stall() -> None:
+    """One reply in a hundred comes 100 ms late. Measured from the intended send time, p99 >= 100 ms;
+    a closed-loop client that only timed the messages it got around to sending would see ~0.1 ms."""
+    replies = 0
+
+    async def slow_sometimes(stream: trio.SocketStream) -> None:
+        nonlocal replies
+        while data := await stream.receive_some(65536):
+            replies += 1
+            if replies % 100 == 1:  # the 1st, 101st, 201st, ...: a little over 1 % of 350
+                await trio.sleep(0.1)
+            await stream.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        address = await serve(slow_sometimes, nursery)
+        code, result = await bench(
+            address, "--count", "350", "--connections", "1", "--rate", "200", "--size", "64"
+        )
+        nursery.cancel_scope.cancel()
+    assert code == 0, result
+    latency = result["latency_us"]
+    assert isinstance(latency, dict)
+    assert latency["p99"] >= 100_000
+    assert latency["p50"] < 100_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("nonsense",), b"expected HOST:PORT"),
+        (("127.0.0.1:1", "--size", "0"), b"argument --size: 0 is not a positive integer"),
+        (("127.0.0.1:1", "--size", str(PERIOD + 1)), b"--size must be 1.."),
+        (("127.0.0.1:1", "--count", "5", "--duration", "1"), b"not allowed with argument"),
+    ],
+)
+def test_bad_arguments(args: tuple[str, ...], message: bytes) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trio_echo", "bench", *args], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_pattern_and_report_model() -> None:
+    one, two = Pattern(1), Pattern(2)
+    assert bytes(one.chunk(0, 100)) != bytes(two.chunk(0, 100))
+    assert one.matches(PERIOD - 10, bytes(one.chunk(PERIOD - 10, 20)))  # across the wrap
+    assert one.matches(5, bytes(one.chunk(5, PERIOD)) + bytes(one.chunk(5 + PERIOD, 7)))
+    assert not one.matches(0, bytes(two.chunk(0, 10)))
+    with pytest.raises(ValueError, match="at most"):
+        one.chunk(0, PERIOD + 1)
+    tally = Tally(roundtrips=10, bytes_echoed=1000, connections=1)
+    assert report(tally, duration=2.0, latency_us={}, mode="pingpong")["roundtrips_per_s"] == 5.0
+    assert not Tally().verified

@@ -1,0 +1,311 @@
+"""``trio-echo bench ADDR``: a byte-verifying load generator with HdrHistogram latency percentiles.
+
+Modes: ``pingpong`` (each connection sends ``--size`` bytes and waits for them back) and ``stream``
+(each connection keeps up to ``--window`` bytes in flight). ``--rate R`` makes ping-pong open-loop: R
+messages per second in total, each one's latency measured from when it was *meant* to be sent, so a
+stalled server cannot hide behind the client waiting for it (coordinated omission). ``--processes P``
+spreads the connections over P processes and merges their results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import sys
+from typing import Any
+
+import trio
+from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+
+from .addresses import Address, parse_address
+from .benchmodel import PERIOD, Pattern, Tally, report, summary_line
+from .client import ClientError, connect
+from .errors import AddressError
+
+MAX_LATENCY_US = 3_600_000_000  # an hour: anything slower is recorded as this
+DRAIN_TIMEOUT = 10.0  # after the run: how long to wait for the last echoes and the server's EOF
+
+
+def new_histogram() -> Any:
+    return HdrHistogram(1, MAX_LATENCY_US, 3)
+
+
+def percentiles(histogram: Any) -> dict[str, float]:
+    if histogram.get_total_count() == 0:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "max": 0.0}
+    return {
+        "p50": float(histogram.get_value_at_percentile(50)),
+        "p90": float(histogram.get_value_at_percentile(90)),
+        "p99": float(histogram.get_value_at_percentile(99)),
+        "p999": float(histogram.get_value_at_percentile(99.9)),
+        "max": float(histogram.get_max_value()),
+    }
+
+
+class Run:
+    """One process's share of a benchmark: ``connections`` connections with seeds from ``seed_base``."""
+
+    def __init__(self, address: Address, opts: argparse.Namespace, connections: int, seed_base: int) -> None:
+        self.address = address
+        self.opts = opts
+        self.connections = connections
+        self.seed_base = seed_base
+        self.tally = Tally(connections=connections)
+        self.histogram = new_histogram()
+        self.deadline = math.inf
+        self.started = 0.0
+
+    def _record(self, intended: float) -> None:
+        micros = int((trio.current_time() - intended) * 1e6)
+        self.histogram.record_value(min(max(micros, 1), MAX_LATENCY_US))
+
+    async def run(self) -> float:
+        """Run every connection; return the measured duration in seconds."""
+        opts = self.opts
+        self.started = trio.current_time()
+        if opts.count is None:
+            self.deadline = self.started + opts.duration
+        async with trio.open_nursery() as nursery:
+            if opts.progress:
+                nursery.start_soon(self._progress)
+            async with trio.open_nursery() as workers:
+                for index in range(self.connections):
+                    count = None
+                    if opts.count is not None:
+                        count = opts.count // self.connections + (index < opts.count % self.connections)
+                    workers.start_soon(self._connection, index, count)
+            nursery.cancel_scope.cancel()
+        elapsed = trio.current_time() - self.started
+        return min(elapsed, opts.duration) if opts.count is None else elapsed
+
+    async def _progress(self) -> None:
+        while True:
+            await trio.sleep(1)
+            elapsed = trio.current_time() - self.started
+            line = (
+                f"\r{elapsed:5.1f}s  {self.tally.roundtrips / elapsed:10.1f} rt/s  "
+                f"{self.tally.bytes_echoed / elapsed / 1e6:8.2f} MB/s  errors {self.tally.error_total}"
+            )
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    async def _connection(self, index: int, count: int | None) -> None:
+        try:
+            stream = await connect(self.address)
+        except ClientError:
+            self.tally.errors["connect"] += 1
+            return
+        pattern = Pattern(self.seed_base + index)
+        try:
+            async with stream:
+                if self.opts.mode == "stream":
+                    await self._stream(stream, pattern)
+                else:
+                    await self._pingpong(stream, pattern, count, index)
+        except trio.BrokenResourceError:
+            self.tally.errors["reset"] += 1
+        except _Failed as failure:
+            self.tally.errors[failure.kind] += 1
+
+    async def _pingpong(
+        self, stream: trio.abc.HalfCloseableStream, pattern: Pattern, count: int | None, index: int
+    ) -> None:
+        size = self.opts.size
+        interval = 0.0
+        if self.opts.rate:
+            interval = self.connections / self.opts.rate  # this connection's share of the total rate
+        offset = done = 0
+        first = self.started + (interval * index / self.connections if interval else 0.0)
+        with trio.move_on_at(self.deadline):
+            while count is None or done < count:
+                intended = first + done * interval if interval else trio.current_time()
+                if interval:
+                    await trio.sleep_until(intended)
+                await stream.send_all(pattern.chunk(offset, size))
+                await self._expect(stream, pattern, offset, size)
+                self._record(intended)
+                offset += size
+                done += 1
+                self.tally.roundtrips += 1
+                self.tally.bytes_echoed += size
+        await self._finish(stream)
+
+    async def _expect(
+        self, stream: trio.abc.HalfCloseableStream, pattern: Pattern, offset: int, size: int
+    ) -> None:
+        got = 0
+        while got < size:
+            data = await stream.receive_some(size - got)
+            if not data:
+                raise _Failed("eof")
+            if not pattern.matches(offset + got, data):
+                raise _Failed("mismatch")
+            got += len(data)
+
+    async def _stream(self, stream: trio.abc.HalfCloseableStream, pattern: Pattern) -> None:
+        size, window = self.opts.size, self.opts.window
+        sent = received = 0
+        room = trio.Event()
+        stop = trio.Event()
+
+        async def sender() -> None:
+            nonlocal sent, room
+            with trio.move_on_at(self.deadline):
+                while True:
+                    while sent - received + size > window:
+                        await room.wait()
+                        room = trio.Event()
+                    await stream.send_all(pattern.chunk(sent, size))
+                    sent += size
+            stop.set()
+            await stream.send_eof()
+
+        async def receiver() -> None:
+            nonlocal received
+            while True:
+                data = await stream.receive_some(PERIOD)
+                if not data:
+                    if received < sent:
+                        raise _Failed("eof")
+                    return
+                if not pattern.matches(received, data):
+                    raise _Failed("mismatch")
+                received += len(data)
+                if not stop.is_set():
+                    self.tally.bytes_echoed += len(data)
+                room.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            with trio.fail_after(
+                self.deadline - trio.current_time() + DRAIN_TIMEOUT if self.deadline < math.inf else math.inf
+            ):
+                await receiver()
+
+    async def _finish(self, stream: trio.abc.HalfCloseableStream) -> None:
+        """Half-close and wait for the server's EOF (a farewell may come first; it is not checked)."""
+        with trio.move_on_after(DRAIN_TIMEOUT) as scope:
+            await stream.send_eof()
+            while await stream.receive_some(PERIOD):
+                pass
+        if scope.cancelled_caught:
+            raise _Failed("timeout")
+
+
+class _Failed(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]:
+    """Spread the connections over ``opts.processes`` worker processes and merge what they report."""
+    share = [
+        opts.connections // opts.processes + (i < opts.connections % opts.processes)
+        for i in range(opts.processes)
+    ]
+    results: list[dict[str, Any]] = []
+
+    async def worker(index: int, connections: int) -> None:
+        argv = [sys.executable, "-m", "trio_echo", "bench", opts.address, "--connections", str(connections)]
+        argv += ["--size", str(opts.size), "--mode", opts.mode, "--window", str(opts.window)]
+        argv += ["--worker-seed", str(sum(share[:index]))]
+        if opts.count is not None:
+            argv += ["--count", str(max(1, opts.count * connections // opts.connections))]
+        else:
+            argv += ["--duration", str(opts.duration)]
+        if opts.rate:
+            argv += ["--rate", str(opts.rate * connections / opts.connections)]
+        done = await trio.run_process([*argv, "--worker"], capture_stdout=True, check=False)
+        results.append(json.loads(done.stdout))
+
+    async with trio.open_nursery() as nursery:
+        for index, connections in enumerate(share):
+            if connections:
+                nursery.start_soon(worker, index, connections)
+    tally, histogram, duration = Tally(), new_histogram(), 0.0
+    for result in results:
+        part = Tally(result["roundtrips"], result["bytes_echoed"], result["connections"])
+        part.errors.update(result["errors"])
+        tally.merge(part)
+        histogram.decode_and_add(base64.b64decode(result["histogram"]))
+        duration = max(duration, result["duration_s"])
+    return tally, histogram, duration
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point from the CLI: exit 0 only for a verified run without errors."""
+    try:
+        address = parse_address(args.address)
+    except AddressError as exc:
+        print(f"trio-echo bench: {exc}", file=sys.stderr)
+        return 2
+    if args.size > PERIOD or args.size < 1:
+        print(f"trio-echo bench: --size must be 1..{PERIOD}", file=sys.stderr)
+        return 2
+    args.progress = sys.stdout.isatty() and not args.json and not args.worker
+    if args.processes > 1:
+        tally, histogram, duration = trio.run(run_in_processes, args)
+    else:
+        run = Run(address, args, args.connections, args.worker_seed)
+        duration = trio.run(run.run)
+        tally, histogram = run.tally, run.histogram
+    if args.worker:
+        print(
+            json.dumps(
+                {
+                    "roundtrips": tally.roundtrips,
+                    "bytes_echoed": tally.bytes_echoed,
+                    "connections": tally.connections,
+                    "errors": dict(tally.errors),
+                    "duration_s": duration,
+                    "histogram": base64.b64encode(histogram.encode()).decode(),
+                }
+            )
+        )
+        return 0
+    result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=args.mode)
+    if args.progress:
+        sys.stdout.write("\r" + " " * 72 + "\r")
+    print(json.dumps(result) if args.json else summary_line(result))
+    return 0 if result["verified"] else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", metavar="ADDR")
+    parser.add_argument("--connections", type=_positive_int, default=50, metavar="N")
+    parser.add_argument("--size", type=_positive_int, default=1024, metavar="BYTES")
+    parser.add_argument("--mode", choices=("pingpong", "stream"), default="pingpong")
+    parser.add_argument(
+        "--window",
+        type=_positive_int,
+        default=262144,
+        metavar="BYTES",
+        help="stream mode: bytes in flight per connection",
+    )
+    limit = parser.add_mutually_exclusive_group()
+    limit.add_argument("--duration", type=_positive_float, default=10.0, metavar="S")
+    limit.add_argument("--count", type=_positive_int, metavar="N", help="round trips in total (pingpong)")
+    parser.add_argument(
+        "--rate", type=_positive_float, metavar="R", help="open loop: R messages/s in total (pingpong)"
+    )
+    parser.add_argument("--processes", type=_positive_int, default=1, metavar="P")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-seed", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value

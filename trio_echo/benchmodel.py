@@ -1,0 +1,99 @@
+"""The load generator's bookkeeping (pure): verifiable payloads, error kinds, results.
+
+Every connection sends its own pseudo-random byte stream, so an echo that is corrupted, reordered,
+truncated or crossed with another connection's is caught byte for byte. Comparisons are slices of one
+precomputed block, so verifying costs a memcmp, not a Python loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import attrs
+
+PERIOD = 65_543  # a prime: chunk boundaries never line up with the pattern's own period
+ERROR_KINDS = ("connect", "mismatch", "eof", "reset", "timeout")
+
+
+class Pattern:
+    """Connection ``seed``'s byte stream: byte ``k`` is ``block[k % PERIOD]``."""
+
+    __slots__ = ("_block",)
+
+    def __init__(self, seed: int) -> None:
+        block = random.Random(seed).randbytes(PERIOD)
+        self._block = memoryview(block + block)  # doubled, so any chunk up to PERIOD is one slice
+
+    def chunk(self, offset: int, size: int) -> memoryview:
+        """The ``size`` bytes at stream ``offset`` (``size`` <= PERIOD)."""
+        if size > PERIOD:
+            raise ValueError(f"chunks are at most {PERIOD} bytes")
+        start = offset % PERIOD
+        return self._block[start : start + size]
+
+    def matches(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Whether ``data`` is exactly the stream at ``offset`` (any length)."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            size = min(PERIOD, len(view) - done)
+            if view[done : done + size] != self.chunk(offset + done, size):
+                return False
+            done += size
+        return True
+
+
+@attrs.define
+class Tally:
+    """What one worker (or the merge of several) counted."""
+
+    roundtrips: int = 0
+    bytes_echoed: int = 0
+    connections: int = 0
+    errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
+
+    def merge(self, other: Tally) -> None:
+        self.roundtrips += other.roundtrips
+        self.bytes_echoed += other.bytes_echoed
+        self.connections += other.connections
+        self.errors.update(other.errors)
+
+    @property
+    def error_total(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def verified(self) -> bool:
+        """Every byte that came back was right, nothing was missing, and something came back."""
+        return self.error_total == 0 and self.bytes_echoed > 0
+
+
+def report(tally: Tally, *, duration: float, latency_us: dict[str, float], mode: str) -> dict[str, object]:
+    """The ``--json`` object (PRODUCT.md's fields first)."""
+    seconds = max(duration, 1e-9)
+    return {
+        "verified": tally.verified,
+        "roundtrips_per_s": round(tally.roundtrips / seconds, 1),
+        "mb_per_s": round(tally.bytes_echoed / seconds / 1e6, 3),
+        "errors": tally.error_total,
+        "error_kinds": {kind: tally.errors.get(kind, 0) for kind in ERROR_KINDS},
+        "latency_us": latency_us,
+        "mode": mode,
+        "connections": tally.connections,
+        "duration_s": round(duration, 3),
+        "roundtrips": tally.roundtrips,
+        "bytes_echoed": tally.bytes_echoed,
+    }
+
+
+def summary_line(result: dict[str, object]) -> str:
+    """The human one-liner."""
+    latency = result["latency_us"]
+    assert isinstance(latency, dict)
+    status = "verified" if result["verified"] else "NOT VERIFIED"
+    return (
+        f"{result['mode']}: {result['roundtrips_per_s']} round trips/s, {result['mb_per_s']} MB/s, "
+        f"latency us p50 {latency['p50']} p90 {latency['p90']} p99 {latency['p99']} p99.9 {latency['p999']} "
+        f"max {latency['max']}, errors {result['errors']} {result['error_kinds']}, {status}"
+    )
