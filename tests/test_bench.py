@@ -177,3 +177,44 @@ def test_pattern_and_report_model() -> None:
     tally = Tally(roundtrips=10, bytes_echoed=1000, connections=1)
     assert report(tally, duration=2.0, latency_us={}, mode="pingpong")["roundtrips_per_s"] == 5.0
     assert not Tally().verified
+
+
+async def test_progress_line_only_on_a_terminal() -> None:
+    import os
+
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        primary, secondary = os.openpty()
+        try:
+            done = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "trio_echo",
+                    "bench",
+                    server.addresses[0],
+                    "--duration",
+                    "2.5",
+                    "--connections",
+                    "2",
+                ],
+                stdout=secondary,
+                check=False,
+            )
+            os.close(secondary)
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:  # EIO: the terminal's other side is closed and drained
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        finally:
+            os.close(primary)
+        piped = await bench(server.addresses[0], "--duration", "1.5", "--connections", "2")
+    assert done.returncode == 0
+    assert b"\r" in output
+    assert b"rt/s" in output  # the live line
+    assert b"verified" in output  # the summary after it
+    assert piped[0] == 0  # (--json output, not a terminal: no progress line, or json.loads would fail)
