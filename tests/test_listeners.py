@@ -3,6 +3,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import socket
 
 import pytest
@@ -111,3 +112,39 @@ async def test_unix_file_replaced_by_someone_else_is_not_removed(tmp_path) -> No
     assert os.path.exists(path)  # noqa: ASYNC240
     os.unlink(path)
     item.close()  # gone entirely: nothing to do
+
+
+async def test_a_missing_family_is_skipped_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host without IPv6: binding :: fails with EAFNOSUPPORT; ":PORT" then serves IPv4 alone."""
+    from trio_echo import listeners
+
+    real = listeners._open_inet
+
+    async def no_ipv6(family: int, *args: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return await real(family, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(listeners, "_open_inet", no_ipv6)
+    with caplog.at_level(logging.WARNING, logger="trio_echo.listeners"):
+        items = await open_listeners(parse_address(":0"), backlog=8)
+    try:
+        assert [item.sock.family for item in items] == [socket.AF_INET]
+        assert "skipping :: for :0" in caplog.text
+    finally:
+        for item in items:
+            item.close()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the backlog")
+async def test_backlog_is_honoured() -> None:
+    (item,) = await open_listeners(parse_address("127.0.0.1:0"), backlog=77)
+    try:
+        port = item.sock.getsockname()[1]
+        result = await trio.run_process(["ss", "-ltnH", f"( sport = :{port} )"], capture_stdout=True)
+        # for a listening socket, ss shows the backlog in the Send-Q column
+        assert result.stdout.split()[2] == b"77"
+    finally:
+        item.close()
