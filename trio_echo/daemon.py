@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from .activation import adopt
 from .config import Config
 from .errors import SupervisorGaveUp
+from .sdnotify import Notifier
 from .server import EchoServer
 
 logger = logging.getLogger("trio_echo.daemon")
@@ -43,8 +45,23 @@ def raise_nofile_limit() -> int | None:
     return soft
 
 
-async def serve_until_signalled(server: EchoServer) -> int:
+STATUS_INTERVAL = 5.0  # seconds between STATUS= refreshes to the service manager
+
+
+def status_line(server: EchoServer) -> str:
+    """The one-line STATUS= for systemctl status: counts, and listeners still retrying."""
+    stats = server.stats
+    retrying = [name for name in server.listener_names if not server.supervisor.running(name)]
+    text = (
+        f"{stats.active} active, {stats.total} total, {sum(stats.refused.values())} refused; "
+        f"listening on {', '.join(server.addresses) or 'nothing yet'}"
+    )
+    return text + (f"; retrying {', '.join(retrying)}" if retrying else "")
+
+
+async def serve_until_signalled(server: EchoServer, notifier: Notifier | None = None) -> int:
     """Run ``server`` until a signal stops it; return the process exit code."""
+    notifier = notifier or Notifier(env={})
     forced = False
     handled = [signal.SIGINT, signal.SIGTERM]
     if hasattr(signal, "SIGHUP"):
@@ -64,21 +81,45 @@ async def serve_until_signalled(server: EchoServer) -> int:
                     name,
                     server.config.limits.drain_timeout,
                 )
+                notifier.stopping(f"draining {server.stats.active} connections")
                 server.stop()
             else:
                 logger.warning("%s again: closing every connection now", name)
                 forced = True
                 server.abort()
 
+    async def run_server(*, task_status: trio.TaskStatus[EchoServer]) -> None:
+        try:
+            await server.run(task_status=task_status)
+        finally:
+            nursery.cancel_scope.cancel()  # the helpers below end with the server
+
+    async def refresh_status() -> None:
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            notifier.status(status_line(server))
+
+    async def pet_watchdog(interval: float) -> None:
+        # Runs only if the event loop does: a wedged loop stops petting and systemd restarts us.
+        while True:
+            notifier.watchdog()
+            await trio.sleep(interval)
+
     gave_up: list[BaseException] = []
     try:
         with trio.open_signal_receiver(*handled) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch, signals)
-                await server.run()
-                nursery.cancel_scope.cancel()
+                if notifier.watchdog_interval:
+                    nursery.start_soon(pet_watchdog, notifier.watchdog_interval)
+                await nursery.start(run_server)
+                notifier.ready(status_line(server))
+                if notifier.enabled:
+                    nursery.start_soon(refresh_status)
     except* SupervisorGaveUp as group:
         gave_up.extend(group.exceptions)
+    finally:
+        notifier.close()
     if gave_up:
         logger.critical("%s", gave_up[0])
         return EXIT_FAILURE
@@ -97,9 +138,10 @@ def run(config: Config) -> int:
             limit,
             max_connections,
         )
-    server = EchoServer(config, max_connections=max_connections)  # may raise ConfigError
+    inherited = adopt()  # systemd socket activation, if any (may raise ConfigError)
+    server = EchoServer(config, max_connections=max_connections, inherited=inherited)  # may raise ConfigError
     try:
-        return trio.run(serve_until_signalled, server)
+        return trio.run(serve_until_signalled, server, Notifier())
     except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE

@@ -19,6 +19,7 @@ import sys
 import trio
 
 from ._version import __version__
+from .activation import Inherited
 from .addresses import format_sockaddr
 from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
@@ -55,25 +56,46 @@ class EchoServer:
         max_connections: the effective connection cap (see ``Config.effective_max_connections``);
             default: the configured value, else unlimited.
         tracer: where events go; default: a tracer with ``config.trace.flags`` logging to ``trio_echo``.
+        inherited: listening sockets passed by systemd (socket activation): when it has echo sockets
+            they replace ``server.listen``; an inherited admin socket serves the admin port.
     """
 
     def __init__(
-        self, config: Config, *, max_connections: int | None = None, tracer: Tracer | None = None
+        self,
+        config: Config,
+        *,
+        max_connections: int | None = None,
+        tracer: Tracer | None = None,
+        inherited: Inherited | None = None,
     ) -> None:
         self.config = config
         self.tracer = tracer or Tracer(config.trace.flags)
         self.max_connections = max_connections or config.limits.max_connections or sys.maxsize
         self.stats = Stats(started=0.0)
         self.draining = False
-        self.admin = AdminServer(self, config.admin) if config.admin.listen else None
+        self._inherited = inherited or Inherited()
+        admin_socket = self._inherited.admin
+        self.admin = (
+            AdminServer(self, config.admin, inherited=admin_socket)
+            if config.admin.listen or admin_socket is not None
+            else None
+        )
         self.trace_file = (
             TraceFile(config.trace.file, config.trace.file_max_bytes) if config.trace.file else None
         )
-        self._listener_names = [entry.label for entry in config.server.listen]
-        children = [
-            ChildSpec(entry.label, functools.partial(self._listen, entry), Restart.PERMANENT)
-            for entry in config.server.listen
-        ]
+        if self._inherited.echo:
+            adopted = [(format_sockaddr(sock.getsockname()), sock) for sock in self._inherited.echo]
+            self._listener_names = [label for label, _ in adopted]
+            children = [
+                ChildSpec(label, functools.partial(self._listen_adopted, label, sock), Restart.PERMANENT)
+                for label, sock in adopted
+            ]
+        else:
+            self._listener_names = [entry.label for entry in config.server.listen]
+            children = [
+                ChildSpec(entry.label, functools.partial(self._listen, entry), Restart.PERMANENT)
+                for entry in config.server.listen
+            ]
         if self.admin is not None:
             children.append(ChildSpec(ADMIN_CHILD, self.admin.run, Restart.PERMANENT))
         self.supervisor = Supervisor(
@@ -108,6 +130,11 @@ class EchoServer:
             if isinstance(value, list):
                 bound.extend(value)
         return bound
+
+    @property
+    def listener_names(self) -> list[str]:
+        """The echo listeners' labels (supervisor child names)."""
+        return list(self._listener_names)
 
     @property
     def admin_addresses(self) -> list[str]:
@@ -200,6 +227,9 @@ class EchoServer:
                     gave_up = _single(group)
                     await self._drain()
         self._handlers = None
+        for sock in (*self._inherited.echo, *filter(None, [self._inherited.admin])):
+            trio.lowlevel.notify_closing(sock)
+            sock.close()  # our copy; systemd keeps its own, and the backlog, for the next start
         self.tracer.emit(Flag.INFO, "server.stopped", connections=self.stats.total)
         if gave_up is not None:
             raise gave_up
@@ -235,21 +265,37 @@ class EchoServer:
             task_status.started(names)
             async with trio.open_nursery() as nursery:
                 for item in sockets:
-                    nursery.start_soon(accept_loop, item, functools.partial(self._accepted, entry, item))
+                    nursery.start_soon(
+                        accept_loop, item, functools.partial(self._accepted, entry.label, item)
+                    )
         finally:
             for item in sockets:
                 item.close()
             self.tracer.emit(Flag.INFO, "listener.down", listener=entry.label)
 
+    async def _listen_adopted(
+        self, label: str, sock: stdlib_socket.socket, *, task_status: trio.TaskStatus[list[str]]
+    ) -> None:
+        """A listener systemd opened: accept on it; it stays open across restarts of this child (it
+        is systemd's; the server closes its own copy when it stops)."""
+        item = ListeningSocket(sock, label)
+        logger.info("listening on %s (socket activation)", label)
+        self.tracer.emit(Flag.INFO, "listener.up", listener=label, addresses=[label])
+        task_status.started([label])
+        try:
+            await accept_loop(item, functools.partial(self._accepted, label, item))
+        finally:
+            self.tracer.emit(Flag.INFO, "listener.down", listener=label)
+
     def _accepted(
-        self, entry: ListenerConfig, listener: ListeningSocket, sock: stdlib_socket.socket, peer: object
+        self, label: str, listener: ListeningSocket, sock: stdlib_socket.socket, peer: object
     ) -> None:
         ip: str | None = None
         if sock.family != stdlib_socket.AF_UNIX:
             _configure_accepted(sock, keepalive=self.config.limits.keepalive)
             ip = str(peer[0]) if isinstance(peer, tuple) else None
         # The socket itself goes to the connection: the pump's fast path talks to it directly.
-        self._admit(sock, ip, format_sockaddr(peer) if peer else listener.name, entry.label)
+        self._admit(sock, ip, format_sockaddr(peer) if peer else listener.name, label)
 
     def _admit(
         self, stream: trio.abc.Stream | stdlib_socket.socket, ip: str | None, peer: str, listener: str

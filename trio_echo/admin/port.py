@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import trio
 from trio_websocket import wrap_server_stream
 
-from trio_echo.addresses import format_host_port, parse_address
+from trio_echo.addresses import format_host_port, format_sockaddr, parse_address
 from trio_echo.config import AdminConfig
 from trio_echo.connection import as_stream
 from trio_echo.errors import ConfigError
-from trio_echo.listeners import accept_loop, open_listeners
+from trio_echo.listeners import ListeningSocket, accept_loop, open_listeners
 
 from . import metrics, protocol
 from .channel import AdminChannel
@@ -60,12 +60,21 @@ class AdminServer:
     non-loopback address has no configured token.
     """
 
-    def __init__(self, server: EchoServer, config: AdminConfig, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        server: EchoServer,
+        config: AdminConfig,
+        env: Mapping[str, str] | None = None,
+        *,
+        inherited: socket.socket | None = None,
+    ) -> None:
         self._server = server
         self.config = config
+        self._inherited = inherited
         self._env = dict(os.environ if env is None else env)
         self.token = configured_token(config.token_file, self._env)
-        if self.token is None and not is_loopback(parse_address(config.listen).host):
+        host = str(inherited.getsockname()[0]) if inherited is not None else parse_address(config.listen).host
+        if self.token is None and not is_loopback(host):
             raise ConfigError(
                 "admin.listen",
                 config.listen,
@@ -83,8 +92,13 @@ class AdminServer:
         return self._channels
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        address = parse_address(self.config.listen)
-        sockets = await open_listeners(address, backlog=64)
+        if self._inherited is not None:
+            name = format_sockaddr(self._inherited.getsockname())
+            address = parse_address(name)
+            sockets = [ListeningSocket(self._inherited, name)]
+        else:
+            address = parse_address(self.config.listen)
+            sockets = await open_listeners(address, backlog=64)
         try:
             port = int(sockets[0].sock.getsockname()[1])
             if self.token is None:
@@ -100,8 +114,9 @@ class AdminServer:
                 for item in sockets:
                     nursery.start_soon(accept_loop, item, functools.partial(self._accepted, nursery))
         finally:
-            for item in sockets:
-                item.close()
+            if self._inherited is None:
+                for item in sockets:
+                    item.close()
 
     def _accepted(self, nursery: trio.Nursery, sock: socket.socket, _peer: object) -> None:
         if self._sockets >= self.config.max_connections + SOCKET_SLACK:
