@@ -106,14 +106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit = raise_nofile_limit()
             sys.stdout.write(config_to_toml(config, max_connections=config.effective_max_connections(limit)))
             return EXIT_OK
-        config = load_config(args.config or os.environ.get("TRIO_ECHO_CONFIG") or None)
-        config = with_overrides(config, listen=args.listen, admin=args.admin)
+        path = args.config or os.environ.get("TRIO_ECHO_CONFIG") or None
+
+        def load() -> Config:
+            return with_overrides(load_config(path), listen=args.listen, admin=args.admin)
+
+        config = load()
     except ConfigError as exc:
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log)
     try:
-        return run(config)
+        return run(config, load if path is not None else None)
     except ConfigError as exc:  # found while building the server (admin token, ...)
         print(f"{PROG}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

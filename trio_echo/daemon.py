@@ -1,7 +1,7 @@
 """Running the server as a daemon: signals, descriptor limits, exit codes.
 
-SIGINT/SIGTERM begin the graceful drain; a second one closes everything at once (exit 1). SIGHUP is
-caught so that it does not kill the daemon; live reload is not part of this version yet and says so.
+SIGINT/SIGTERM begin the graceful drain; a second one closes everything at once (exit 1). SIGHUP
+reloads the configuration (``reload``) and reopens the log and trace files.
 The server is built before the event loop starts, so configuration problems it finds (an unreadable
 admin token, say) surface as ConfigError (exit 2) before anything is bound.
 """
@@ -11,17 +11,21 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
 from .activation import adopt
 from .config import Config
-from .errors import SupervisorGaveUp
+from .errors import ConfigError, SupervisorGaveUp
+from .events import Flag
+from .logsetup import configure_logging, reopen_logs
 from .sdnotify import Notifier
 from .server import EchoServer
 
 logger = logging.getLogger("trio_echo.daemon")
+
+ConfigLoader = Callable[[], Config]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -59,8 +63,35 @@ def status_line(server: EchoServer) -> str:
     return text + (f"; retrying {', '.join(retrying)}" if retrying else "")
 
 
-async def serve_until_signalled(server: EchoServer, notifier: Notifier | None = None) -> int:
-    """Run ``server`` until a signal stops it; return the process exit code."""
+async def reload(server: EchoServer, load: ConfigLoader, notifier: Notifier) -> None:
+    """SIGHUP: re-read the config (CLI flags still override it) and apply what can change live.
+    A bad file changes nothing and says why in one line."""
+    notifier.reloading()
+    reopen_logs()
+    if server.trace_file is not None:
+        server.trace_file.reopen()
+    try:
+        config = load()
+        max_connections = config.effective_max_connections(raise_nofile_limit())
+        needs_restart = await server.reconfigure(config, max_connections=max_connections)
+    except ConfigError as exc:
+        logger.error("reload failed, keeping the running configuration: %s", exc)
+        server.tracer.emit(Flag.ERROR, "config.reloaded", ok=False, message=str(exc))
+    else:
+        configure_logging(config.log)
+        if needs_restart:
+            logger.warning("reloaded; these changes require a restart: %s", ", ".join(needs_restart))
+        else:
+            logger.info("reloaded")
+        server.tracer.emit(Flag.INFO, "config.reloaded", ok=True, requires_restart=needs_restart)
+    notifier.ready(status_line(server))
+
+
+async def serve_until_signalled(
+    server: EchoServer, notifier: Notifier | None = None, load: ConfigLoader | None = None
+) -> int:
+    """Run ``server`` until a signal stops it; return the process exit code. With ``load``, SIGHUP
+    reloads the configuration; without it, SIGHUP is logged and ignored."""
     notifier = notifier or Notifier(env={})
     forced = False
     handled = [signal.SIGINT, signal.SIGTERM]
@@ -73,7 +104,13 @@ async def serve_until_signalled(server: EchoServer, notifier: Notifier | None = 
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == getattr(signal, "SIGHUP", None):
-                logger.warning("%s: live reload is not supported by this version; restart to apply", name)
+                if stopping:
+                    logger.info("%s while stopping: ignored", name)
+                elif load is None:
+                    logger.warning("%s: no config file to reload", name)
+                else:
+                    logger.info("%s: reloading the configuration", name)
+                    await reload(server, load, notifier)
             elif not stopping:
                 stopping = True
                 logger.info(
@@ -127,8 +164,9 @@ async def serve_until_signalled(server: EchoServer, notifier: Notifier | None = 
     return EXIT_FAILURE if forced else EXIT_OK
 
 
-def run(config: Config) -> int:
-    """Raise descriptor limits, run the daemon in the foreground, return its exit code."""
+def run(config: Config, load: ConfigLoader | None = None) -> int:
+    """Raise descriptor limits, run the daemon in the foreground, return its exit code. ``load``
+    re-reads the configuration on SIGHUP."""
     limit = raise_nofile_limit()
     max_connections = config.effective_max_connections(limit)
     if config.limits.max_connections is not None and config.limits.max_connections > max_connections:
@@ -141,7 +179,7 @@ def run(config: Config) -> int:
     inherited = adopt()  # systemd socket activation, if any (may raise ConfigError)
     server = EchoServer(config, max_connections=max_connections, inherited=inherited)  # may raise ConfigError
     try:
-        return trio.run(serve_until_signalled, server, Notifier())
+        return trio.run(serve_until_signalled, server, Notifier(), load)
     except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE

@@ -48,3 +48,10 @@ def configure_logging(config: LogConfig) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(config.level.upper())
     return handler
+
+
+def reopen_logs() -> None:
+    """Reopen log files (after logrotate moved them): file handlers reopen on their next record."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()  # FileHandler reopens its file lazily at the next emit

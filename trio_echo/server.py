@@ -183,6 +183,60 @@ class EchoServer:
             raise RuntimeError("serve_stream needs a running server")
         self._admit(stream, None, peer, listener)
 
+    async def reconfigure(self, config: Config, *, max_connections: int | None = None) -> list[str]:
+        """Apply a new configuration live (SIGHUP); return the changed keys that need a restart.
+
+        Live: limits and timeouts (for connections accepted from now on; open ones keep theirs),
+        the connection caps and allow/deny lists, trace flags, greeting/farewell/refusal, the admin
+        token, origins and channel settings, and the listen list (new entries are opened, removed ones
+        closed; their open connections keep running).
+        """
+        old = self.config
+        needs_restart = [
+            key
+            for key, before, after in (
+                ("server.backlog", old.server.backlog, config.server.backlog),
+                ("limits.socket_buffer", old.limits.socket_buffer, config.limits.socket_buffer),
+                ("limits.fd_reserve", old.limits.fd_reserve, config.limits.fd_reserve),
+                ("trace.file", old.trace.file, config.trace.file),
+                ("trace.file_max_bytes", old.trace.file_max_bytes, config.trace.file_max_bytes),
+                ("admin.listen", old.admin.listen, config.admin.listen),
+                ("supervisor", old.supervisor, config.supervisor),
+                ("tls", old.tls, config.tls),
+            )
+            if before != after
+        ]
+        if self._inherited.echo and old.server.listen != config.server.listen:
+            needs_restart.append("server.listen (the listening sockets come from systemd)")
+        self.config = config
+        self.max_connections = max_connections or config.limits.max_connections or sys.maxsize
+        self.admission.configure(config.limits, self.max_connections)
+        self.tracer.flags = config.trace.flags
+        self._greeting = config.server.greeting.encode()
+        self._farewell = config.server.farewell.encode()
+        self._refusal = config.limits.refusal.encode()
+        if len(self._scratch) < config.limits.buffer_size:
+            # Grow only: open connections may still read up to their own (older) buffer size.
+            self._scratch = memoryview(bytearray(config.limits.buffer_size))
+        if self.admin is not None and "admin.listen" not in needs_restart:
+            self.admin.reconfigure(config.admin)
+        if not self._inherited.echo:
+            await self._reconcile_listeners(config)
+        return needs_restart
+
+    async def _reconcile_listeners(self, config: Config) -> None:
+        wanted = {entry.label: entry for entry in config.server.listen}
+        for label in [name for name in self._listener_names if name not in wanted]:
+            self._listener_names.remove(label)
+            await self.supervisor.terminate_child(label)
+        for label, entry in wanted.items():
+            if label not in self._listener_names:
+                self._listener_names.append(label)
+                self.stats.listeners[label]  # shows at 0 from now on
+                await self.supervisor.start_child(
+                    ChildSpec(label, functools.partial(self._listen, entry), Restart.PERMANENT)
+                )
+
     def close_connection(self, conn_id: int, reason: str = "admin") -> bool:
         """Close one connection gracefully; False if no such connection is open."""
         info = self.stats.connections.get(conn_id)

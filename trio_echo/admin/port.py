@@ -87,6 +87,14 @@ class AdminServer:
         self._sockets = 0
         self._assets: dict[str, bytes] = {}
 
+    def reconfigure(self, config: AdminConfig) -> None:
+        """New origins, limits, stats interval and (if one is configured now) token; same address."""
+        token = configured_token(config.token_file, self._env)
+        if token is not None:
+            self.token = token
+            self.token_path = config.token_file or None
+        self.config = config
+
     @property
     def channels(self) -> int:
         return self._channels
