@@ -47,3 +47,17 @@ def test_text_format_leaves_timestamps_to_journald(
     line = handler.format(record)
     assert line.endswith("INFO trio_echo.x: hello")
     assert (line != "INFO trio_echo.x: hello") is timestamped
+
+
+def test_reopen_after_logrotate_moved_the_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from trio_echo.logsetup import reopen_logs
+
+    path = tmp_path / "trio-echo.log"
+    configure_logging(LogConfig(file=str(path)))
+    logging.getLogger("trio_echo.test").info("before rotation")
+    path.rename(tmp_path / "trio-echo.log.1")
+    reopen_logs()
+    logging.getLogger("trio_echo.test").info("after rotation")
+    assert "before rotation" in (tmp_path / "trio-echo.log.1").read_text()
+    assert "after rotation" in path.read_text()
+    assert "before rotation" not in path.read_text()

@@ -66,7 +66,7 @@ def test_notify_ready_status_stopping_and_watchdog(tmp_path: Path, kind: str) ->
     try:
         listener.collect(20, until="READY")
         ready_at = time.monotonic()
-        listener.collect(1.0)  # watchdog pings meanwhile, every WATCHDOG_USEC/2 = 0.2 s
+        listener.collect(1.6)  # a STATUS refresh after 1 s; watchdog pings every WATCHDOG_USEC/2 = 0.2 s
         proc.send_signal(signal.SIGTERM)
         listener.collect(10, until="STOPPING")
         assert proc.wait(timeout=30) == 0
@@ -78,7 +78,7 @@ def test_notify_ready_status_stopping_and_watchdog(tmp_path: Path, kind: str) ->
         next(k for k in ("READY", "STOPPING", "WATCHDOG", "STATUS") if k in m) for m in listener.messages
     ]
     assert "READY" in kinds
-    assert kinds.index("READY") < kinds.index("STOPPING")
+    assert kinds.index("READY") < kinds.index("STATUS") < kinds.index("STOPPING")
     ready = listener.messages[kinds.index("READY")]
     assert re.match(r"0 active, 0 total, 0 refused; listening on 127\.0\.0\.1:\d+$", ready["STATUS"])
     assert listener.messages[kinds.index("STOPPING")]["STATUS"] == "draining 0 connections"

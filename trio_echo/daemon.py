@@ -132,9 +132,10 @@ async def serve_until_signalled(
             nursery.cancel_scope.cancel()  # the helpers below end with the server
 
     async def refresh_status() -> None:
+        await trio.sleep(1.0)  # a first refresh soon after READY, then a steady pace
         while True:
-            await trio.sleep(STATUS_INTERVAL)
             notifier.status(status_line(server))
+            await trio.sleep(STATUS_INTERVAL)
 
     async def pet_watchdog(interval: float) -> None:
         # Runs only if the event loop does: a wedged loop stops petting and systemd restarts us.
