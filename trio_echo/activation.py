@@ -26,7 +26,7 @@ class Inherited:
     admin: socket.socket | None = None
 
 
-def adopt(env: MutableMapping[str, str] | None = None) -> Inherited:
+def adopt(env: MutableMapping[str, str] | None = None, *, first_fd: int = SD_LISTEN_FDS_START) -> Inherited:
     """The sockets systemd passed to this process (none when not socket-activated).
 
     Raises:
@@ -43,25 +43,37 @@ def adopt(env: MutableMapping[str, str] | None = None) -> Inherited:
             env.pop(key, None)
     echo: list[socket.socket] = []
     admin: socket.socket | None = None
-    for index in range(count):
-        fd = SD_LISTEN_FDS_START + index
-        name = names[index] if index < len(names) else f"fd{fd}"
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            raise ConfigError(
-                "LISTEN_FDS", count, f"descriptor {fd} ({name}) is not a socket: {exc.strerror}"
-            ) from None
-        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.detach()
-            raise ConfigError(
-                "LISTEN_FDS", count, f"descriptor {fd} ({name}) is not a listening stream socket"
-            )
-        sock.setblocking(False)
-        if name == ADMIN_NAME:
-            if admin is not None:
-                raise ConfigError("LISTEN_FDNAMES", names, "more than one socket is named admin")
-            admin = sock
-        else:
-            echo.append(sock)
+    try:
+        for index in range(count):
+            fd = first_fd + index
+            name = names[index] if index < len(names) else f"fd{fd}"
+            sock = _listening_socket(fd, name, count)
+            if name == ADMIN_NAME:
+                if admin is not None:
+                    sock.detach()
+                    raise ConfigError(
+                        "LISTEN_FDNAMES", ":".join(names), "more than one socket is named admin"
+                    )
+                admin = sock
+            else:
+                echo.append(sock)
+    except ConfigError:
+        for adopted in (*echo, admin):
+            if adopted is not None:
+                adopted.detach()  # the descriptors stay as systemd passed them
+        raise
     return Inherited(tuple(echo), admin)
+
+
+def _listening_socket(fd: int, name: str, count: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(
+            "LISTEN_FDS", count, f"descriptor {fd} ({name}) is not a socket: {exc.strerror}"
+        ) from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ConfigError("LISTEN_FDS", count, f"descriptor {fd} ({name}) is not a listening stream socket")
+    sock.setblocking(False)
+    return sock
