@@ -8,6 +8,7 @@ admin token, say) surface as ConfigError (exit 2) before anything is bound.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -88,10 +89,19 @@ async def reload(server: EchoServer, load: ConfigLoader, notifier: Notifier) -> 
 
 
 async def serve_until_signalled(
-    server: EchoServer, notifier: Notifier | None = None, load: ConfigLoader | None = None
+    server: EchoServer,
+    notifier: Notifier | None = None,
+    load: ConfigLoader | None = None,
+    *,
+    signals: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Run ``server`` until a signal stops it; return the process exit code. With ``load``, SIGHUP
-    reloads the configuration; without it, SIGHUP is logged and ignored."""
+    reloads the configuration; without it, SIGHUP is logged and ignored.
+
+    ``signals=False`` is for runs off the main thread (a Windows service's SvcDoRun), where Trio
+    cannot install signal handlers: the caller stops the server itself (``server.stop()`` through the
+    run's Trio token). ``on_ready`` is called once the server is serving."""
     notifier = notifier or Notifier(env={})
     forced = False
     handled = [signal.SIGINT, signal.SIGTERM]
@@ -145,13 +155,17 @@ async def serve_until_signalled(
 
     gave_up: list[BaseException] = []
     try:
-        with trio.open_signal_receiver(*handled) as signals:
+        receiver = trio.open_signal_receiver(*handled) if signals else contextlib.nullcontext(None)
+        with receiver as received:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch, signals)
+                if received is not None:
+                    nursery.start_soon(watch, received)
                 if notifier.watchdog_interval:
                     nursery.start_soon(pet_watchdog, notifier.watchdog_interval)
                 await nursery.start(run_server)
                 notifier.ready(status_line(server))
+                if on_ready is not None:
+                    on_ready()
                 if notifier.enabled:
                     nursery.start_soon(refresh_status)
     except* SupervisorGaveUp as group:

@@ -15,8 +15,7 @@ import threading
 import trio
 
 from .config import Config
-from .daemon import EXIT_FAILURE, EXIT_OK, raise_nofile_limit
-from .errors import SupervisorGaveUp
+from .daemon import raise_nofile_limit, serve_until_signalled
 from .server import EchoServer
 
 logger = logging.getLogger("trio_echo.service")
@@ -34,26 +33,23 @@ class ServiceRunner:
         self._stop_requested = False
 
     def run(self) -> int:
-        """Serve until stopped; return the exit code (0 drained, 1 the supervisor gave up)."""
-        gave_up: list[BaseException] = []
+        """Serve until stopped; return the exit code (0 drained, 1 the supervisor gave up).
+
+        The same entry point ``trio-echo serve`` uses (``serve_until_signalled``), without signal
+        handlers, which Trio installs only on the main thread."""
         try:
-            trio.run(self._main)
-        except* SupervisorGaveUp as group:
-            gave_up.extend(group.exceptions)
+            return trio.run(self._main)
         finally:
             self._started.set()  # never leave wait_started() hanging
-        if gave_up:
-            logger.critical("%s", gave_up[0])
-            return EXIT_FAILURE
-        return EXIT_OK
 
-    async def _main(self) -> None:
+    async def _main(self) -> int:
         self._token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.server.run)
-            self._started.set()
-            if self._stop_requested:  # stop() came before the loop could take it
-                self.server.stop()
+        return await serve_until_signalled(self.server, signals=False, on_ready=self._ready)
+
+    def _ready(self) -> None:
+        self._started.set()
+        if self._stop_requested:  # stop() came before the loop could take it
+            self.server.stop()
 
     def wait_started(self, timeout: float | None = None) -> bool:
         return self._started.wait(timeout)
