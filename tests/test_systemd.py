@@ -164,3 +164,47 @@ def test_unit_files_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "trio-echo" not in result.stderr, result.stderr  # no warnings about our units
+
+
+async def test_a_wedged_event_loop_stops_petting_the_watchdog(tmp_path: Path) -> None:
+    """The watchdog is petted by a task of the event loop, never by a side thread: while the loop is
+    blocked, no WATCHDOG=1 leaves, so systemd's watchdog fires as it should."""
+    import trio
+
+    from tests.conftest import make_config
+    from trio_echo.daemon import serve_until_signalled
+    from trio_echo.sdnotify import Notifier
+    from trio_echo.server import EchoServer
+
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    listener.sock.setblocking(False)
+
+    def drain() -> int:
+        count = 0
+        while True:
+            try:
+                count += b"WATCHDOG=1" in listener.sock.recv(4096)
+            except BlockingIOError:
+                return count
+
+    server = EchoServer(make_config(server={"listen": ["127.0.0.1:0"]}))
+    notifier = Notifier(env={"NOTIFY_SOCKET": listener.env_value, "WATCHDOG_USEC": "100000"})
+    seen: dict[str, int] = {}
+
+    async def wedge_then_stop() -> None:
+        await trio.sleep(0.5)
+        seen["before"] = drain()
+        time.sleep(1.0)  # noqa: ASYNC251 - the point: the loop is wedged for a second
+        seen["during"] = drain()
+        await trio.sleep(0.5)
+        seen["after"] = drain()
+        server.stop()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wedge_then_stop)
+            assert await serve_until_signalled(server, notifier, signals=False) == 0
+    listener.close()
+    assert seen["before"] >= 3  # every 0.05 s while the loop runs
+    assert seen["during"] == 0
+    assert seen["after"] >= 3
