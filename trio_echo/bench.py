@@ -104,10 +104,11 @@ class Run:
                     await self._stream(stream, pattern)
                 else:
                     await self._pingpong(stream, pattern, count, index)
-        except trio.BrokenResourceError:
-            self.tally.errors["reset"] += 1
-        except _Failed as failure:
-            self.tally.errors[failure.kind] += 1
+        # (except*: in stream mode failures come out of a nursery, wrapped in a group, and sender and
+        # receiver may both fail; a connection counts one error, the most telling kind)
+        except* (trio.BrokenResourceError, _Failed) as group:
+            kinds = [leaf.kind if isinstance(leaf, _Failed) else "reset" for leaf in _leaves(group)]
+            self.tally.errors[min(kinds, key=FAILURE_PRIORITY.index)] += 1
 
     async def _pingpong(
         self, stream: trio.abc.HalfCloseableStream, pattern: Pattern, count: int | None, index: int
@@ -179,10 +180,12 @@ class Run:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender)
-            with trio.fail_after(
-                self.deadline - trio.current_time() + DRAIN_TIMEOUT if self.deadline < math.inf else math.inf
-            ):
+            # The echo of everything sent must be back within DRAIN_TIMEOUT of the end of the run.
+            with trio.move_on_at(self.deadline + DRAIN_TIMEOUT) as scope:
                 await receiver()
+            if scope.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                raise _Failed("timeout")
 
     async def _finish(self, stream: trio.abc.HalfCloseableStream) -> None:
         """Half-close and wait for the server's EOF (a farewell may come first; it is not checked)."""
@@ -192,6 +195,15 @@ class Run:
                 pass
         if scope.cancelled_caught:
             raise _Failed("timeout")
+
+
+FAILURE_PRIORITY = ("mismatch", "eof", "timeout", "reset")
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 class _Failed(Exception):

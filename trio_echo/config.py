@@ -365,11 +365,16 @@ def _build(
 
 
 def _prefixed(exc: ConfigError, prefix: str) -> ConfigError:
+    """The same error with its key placed under ``prefix`` (``limits`` + ``idle_timeout``,
+    ``server.listen`` + ``[2]``)."""
     if not prefix:
         return exc
-    key = (
-        prefix if not exc.key else f"{prefix}.{exc.key}" if not exc.key.startswith("[") else prefix + exc.key
-    )
+    if not exc.key:
+        key = prefix
+    elif exc.key.startswith("["):
+        key = prefix + exc.key
+    else:
+        key = f"{prefix}.{exc.key}"
     return ConfigError(key, exc.value, exc.problem)
 
 
