@@ -26,14 +26,10 @@ from .errors import AddressError, ConfigError
 from .events import DEFAULT_FLAGS, Flag, format_flags, parse_flags
 
 # Transports this version serves; the address grammar already knows tls:// and udp:// (PRODUCT.md).
-SUPPORTED_TRANSPORTS = ("tcp",)
+SUPPORTED_TRANSPORTS = ("tcp", "tls")
 # Keys of the contract (PRODUCT.md) that this version parses but does not act on yet: setting them is an
 # error rather than silently ignored.
-RESERVED_KEYS = (
-    ("tls", "cert_file"),
-    ("tls", "key_file"),
-    ("tls", "client_ca_file"),
-)
+RESERVED_KEYS: tuple[tuple[str, str], ...] = ()
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FALLBACK_MAX_CONNECTIONS = 4096  # PRODUCT.md: where there is no RLIMIT_NOFILE (Windows)
 
@@ -288,6 +284,11 @@ class Config:
             default = attrs.fields_dict(type(getattr(self, section)))[key].default
             if value != default:
                 raise ConfigError(f"{section}.{key}", value, "is not supported by this version yet")
+        uses_tls = any(entry.address.transport == "tls" for entry in self.server.listen)
+        if uses_tls and not (self.tls.cert_file and self.tls.key_file):
+            raise ConfigError(
+                "tls.cert_file", self.tls.cert_file, "a tls:// listener needs tls.cert_file and tls.key_file"
+            )
 
     def effective_max_connections(self, nofile_limit: int | None) -> int:
         """``limits.max_connections`` with its default filled in and clamped to what fds allow.

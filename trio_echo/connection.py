@@ -27,6 +27,7 @@ import errno
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Callable
 
 import trio
@@ -38,6 +39,7 @@ from .trace import Tracer
 
 logger = logging.getLogger("trio_echo.connection")
 
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a client gets to complete the TLS handshake
 LINGER_CHUNK = 16384  # read size while discarding input during a lingering close
 FAIR_SHARE = 32  # socket-pump operations between checkpoints when the kernel never says EAGAIN
 # recv/send/shutdown failures that mean the peer is gone: reset, unreachable after retransmissions or
@@ -172,8 +174,11 @@ class Connection:
                 reason = (
                     (self.close_reason or self._timeout_reason()) if self.scope.cancelled_caught else "eof"
                 )
-        except trio.BrokenResourceError:
-            reason = "reset"
+        except trio.BrokenResourceError as exc:
+            # A TLS error before any data: the handshake failed (with TLS 1.3 a rejected client
+            # certificate surfaces at the first read, after do_handshake returned).
+            tls_failure = isinstance(exc.__cause__, ssl.SSLError) and self.session.bytes_in == 0
+            reason = "tls_handshake" if tls_failure else "reset"
         except trio.ClosedResourceError:
             reason = self.close_reason or "error"
         except Exception:
@@ -190,6 +195,15 @@ class Connection:
                 if self._on_close is not None:
                     self._on_close(reason)
         return reason
+
+    async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> bool:
+        """The TLS handshake, bounded; False if it failed (a plain-text client, a bad certificate)."""
+        with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError:
+                return False
+        return not scope.cancelled_caught
 
     def _socket_timeout_reason(self) -> str | None:
         """Why the socket pump's scope fired, or None when a lazy idle deadline fired early (there
@@ -320,6 +334,9 @@ class Connection:
         return "lifetime" if trio.current_time() >= self._lifetime_deadline else self._phase
 
     async def _finish(self, reason: str) -> None:
+        if reason == "tls_handshake":
+            await trio.aclose_forcefully(self.stream)  # type: ignore[arg-type]  # (never a raw socket)
+            return
         session = self.session
         linger = self._linger_timeout if reason != "reset" and not session.eof_received else 0.0
         if linger and not session.eof_sent:

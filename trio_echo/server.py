@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket as stdlib_socket
+import ssl
 import sys
 
 import trio
@@ -33,6 +34,7 @@ from .listeners import ListeningSocket, accept_loop, open_listeners
 from .restarts import Restart
 from .stats import ConnectionInfo, Stats
 from .supervisor import ChildSpec, Supervisor
+from .tls import server_context
 from .trace import TraceFile, Tracer
 
 logger = logging.getLogger("trio_echo.server")
@@ -107,6 +109,7 @@ class EchoServer:
             tracer=self.tracer,
         )
         self.admission = Admission(config.limits, self.max_connections)
+        self._tls_context = self._tls(config)  # may raise ConfigError (unreadable certificate)
         # Refusals linger (so the refusal text survives) and each holds a descriptor meanwhile; past
         # this many at once, refuse by closing at once so a flood cannot eat the fd reserve.
         self._max_lingering_refusals = max(1, config.limits.fd_reserve // 2)
@@ -183,6 +186,12 @@ class EchoServer:
             raise RuntimeError("serve_stream needs a running server")
         self._admit(stream, None, peer, listener)
 
+    @staticmethod
+    def _tls(config: Config) -> ssl.SSLContext | None:
+        if any(entry.address.transport == "tls" for entry in config.server.listen):
+            return server_context(config.tls)
+        return None
+
     async def reconfigure(self, config: Config, *, max_connections: int | None = None) -> list[str]:
         """Apply a new configuration live (SIGHUP); return the changed keys that need a restart.
 
@@ -202,13 +211,15 @@ class EchoServer:
                 ("trace.file_max_bytes", old.trace.file_max_bytes, config.trace.file_max_bytes),
                 ("admin.listen", old.admin.listen, config.admin.listen),
                 ("supervisor", old.supervisor, config.supervisor),
-                ("tls", old.tls, config.tls),
             )
             if before != after
         ]
+        # Re-read even when the paths did not change: a renewed certificate serves new connections.
+        tls_context = self._tls(config)
         if self._inherited.echo and old.server.listen != config.server.listen:
             needs_restart.append("server.listen (the listening sockets come from systemd)")
         self.config = config
+        self._tls_context = tls_context
         self.max_connections = max_connections or config.limits.max_connections or sys.maxsize
         self.admission.configure(config.limits, self.max_connections)
         self.tracer.flags = config.trace.flags
@@ -319,9 +330,9 @@ class EchoServer:
             task_status.started(names)
             async with trio.open_nursery() as nursery:
                 for item in sockets:
-                    nursery.start_soon(
-                        accept_loop, item, functools.partial(self._accepted, entry.label, item)
-                    )
+                    tls = entry.address.transport == "tls"
+                    on_accept = functools.partial(self._accepted, entry.label, tls, item)
+                    nursery.start_soon(accept_loop, item, on_accept)
         finally:
             for item in sockets:
                 item.close()
@@ -337,19 +348,25 @@ class EchoServer:
         self.tracer.emit(Flag.INFO, "listener.up", listener=label, addresses=[label])
         task_status.started([label])
         try:
-            await accept_loop(item, functools.partial(self._accepted, label, item))
+            await accept_loop(item, functools.partial(self._accepted, label, False, item))
         finally:
             self.tracer.emit(Flag.INFO, "listener.down", listener=label)
 
     def _accepted(
-        self, label: str, listener: ListeningSocket, sock: stdlib_socket.socket, peer: object
+        self, label: str, tls: bool, listener: ListeningSocket, sock: stdlib_socket.socket, peer: object
     ) -> None:
         ip: str | None = None
         if sock.family != stdlib_socket.AF_UNIX:
             _configure_accepted(sock, keepalive=self.config.limits.keepalive)
             ip = str(peer[0]) if isinstance(peer, tuple) else None
+        peer_name = format_sockaddr(peer) if peer else listener.name
+        if tls and self._tls_context is not None:
+            # TLS goes through the generic stream pump (the handshake runs in the connection's task).
+            stream = trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
+            self._admit(stream, ip, peer_name, label)
+            return
         # The socket itself goes to the connection: the pump's fast path talks to it directly.
-        self._admit(sock, ip, format_sockaddr(peer) if peer else listener.name, label)
+        self._admit(sock, ip, peer_name, label)
 
     def _admit(
         self, stream: trio.abc.Stream | stdlib_socket.socket, ip: str | None, peer: str, listener: str
