@@ -3,7 +3,10 @@ and a renewed certificate picked up by reload."""
 
 from __future__ import annotations
 
+import json
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +134,44 @@ def test_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
     config = tls_config(str(tmp_path / "missing.pem"), ["tls://127.0.0.1:0"])
     with pytest.raises(ConfigError, match=r"tls\.cert_file = .*cannot load the certificate and key"):
         EchoServer(config)  # type: ignore[arg-type]
+
+
+async def run_cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [sys.executable, "-m", "trio_echo", *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+async def test_client_and_bench_speak_tls(ca: trustme.CA, tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with running_server(
+        tls_config(server_pem(ca, tmp_path / "s.pem"), ["tls://127.0.0.1:0"])
+    ) as server:  # type: ignore[arg-type]
+        address = f"tls://{server.addresses[0]}"
+        client = await run_cli("client", address, "--ca", str(ca_file), stdin=b"over tls\n")
+        assert (client.returncode, client.stdout) == (0, b"over tls\n"), client.stderr
+        untrusted = await run_cli("client", address, stdin=b"x\n")  # the system store does not know our CA
+        assert untrusted.returncode == 1
+        assert b"TLS handshake with" in untrusted.stderr
+        for mode in ("pingpong", "stream"):
+            bench = await run_cli(
+                "bench",
+                address,
+                "--insecure",
+                "--mode",
+                mode,
+                "--duration",
+                "1",
+                "--connections",
+                "2",
+                "--json",
+            )
+            result = json.loads(bench.stdout)
+            assert bench.returncode == 0, (mode, result["error_kinds"], bench.stderr)
+            assert result["verified"] is True

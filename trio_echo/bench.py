@@ -21,7 +21,7 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from .addresses import Address, parse_address
 from .benchmodel import PERIOD, Pattern, Tally, report, summary_line
-from .client import ClientError, connect
+from .client import ClientError, add_tls_arguments, connect, tls_context
 from .errors import AddressError
 
 MAX_LATENCY_US = 3_600_000_000  # an hour: anything slower is recorded as this
@@ -56,6 +56,11 @@ class Run:
         self.histogram = new_histogram()
         self.deadline = math.inf
         self.started = 0.0
+        self.tls = (
+            tls_context(ca=opts.ca, insecure=opts.insecure)
+            if (opts.tls or opts.ca or opts.insecure)
+            else None
+        )
 
     def _record(self, intended: float) -> None:
         micros = int((trio.current_time() - intended) * 1e6)
@@ -93,7 +98,7 @@ class Run:
 
     async def _connection(self, index: int, count: int | None) -> None:
         try:
-            stream = await connect(self.address)
+            stream = await connect(self.address, self.tls)
         except ClientError:
             self.tally.errors["connect"] += 1
             return
@@ -111,7 +116,7 @@ class Run:
             self.tally.errors[min(kinds, key=FAILURE_PRIORITY.index)] += 1
 
     async def _pingpong(
-        self, stream: trio.abc.HalfCloseableStream, pattern: Pattern, count: int | None, index: int
+        self, stream: trio.abc.Stream, pattern: Pattern, count: int | None, index: int
     ) -> None:
         size = self.opts.size
         interval = 0.0
@@ -133,9 +138,7 @@ class Run:
                 self.tally.bytes_echoed += size
         await self._finish(stream)
 
-    async def _expect(
-        self, stream: trio.abc.HalfCloseableStream, pattern: Pattern, offset: int, size: int
-    ) -> None:
+    async def _expect(self, stream: trio.abc.Stream, pattern: Pattern, offset: int, size: int) -> None:
         got = 0
         while got < size:
             data = await stream.receive_some(size - got)
@@ -145,38 +148,44 @@ class Run:
                 raise _Failed("mismatch")
             got += len(data)
 
-    async def _stream(self, stream: trio.abc.HalfCloseableStream, pattern: Pattern) -> None:
+    async def _stream(self, stream: trio.abc.Stream, pattern: Pattern) -> None:
         size, window = self.opts.size, self.opts.window
         sent = received = 0
         room = trio.Event()
         stop = trio.Event()
 
+        reading = trio.CancelScope()
+
         async def sender() -> None:
+            # The deadline is checked between writes, never inside one: a cancelled send_all leaves
+            # a TLS stream broken.
             nonlocal sent, room
-            with trio.move_on_at(self.deadline):
-                while True:
-                    while sent - received + size > window:
+            while trio.current_time() < self.deadline:
+                if sent - received + size > window:
+                    with trio.move_on_at(self.deadline):
                         await room.wait()
-                        room = trio.Event()
-                    await stream.send_all(pattern.chunk(sent, size))
-                    sent += size
+                    room = trio.Event()
+                    continue
+                await stream.send_all(pattern.chunk(sent, size))
+                sent += size
             stop.set()
-            await stream.send_eof()
+            if received >= sent:
+                reading.cancel()  # all echoed already: the receiver waits for bytes that will not come
 
         async def receiver() -> None:
+            # Ends once everything sent has come back (TLS has no half-close, so no EOF to wait for).
             nonlocal received
-            while True:
-                data = await stream.receive_some(PERIOD)
-                if not data:
-                    if received < sent:
+            with reading:
+                while not (stop.is_set() and received >= sent):
+                    data = await stream.receive_some(PERIOD)
+                    if not data:
                         raise _Failed("eof")
-                    return
-                if not pattern.matches(received, data):
-                    raise _Failed("mismatch")
-                received += len(data)
-                if not stop.is_set():
-                    self.tally.bytes_echoed += len(data)
-                room.set()
+                    if not pattern.matches(received, data):
+                        raise _Failed("mismatch")
+                    received += len(data)
+                    if not stop.is_set():
+                        self.tally.bytes_echoed += len(data)
+                    room.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender)
@@ -187,8 +196,11 @@ class Run:
                 nursery.cancel_scope.cancel()
                 raise _Failed("timeout")
 
-    async def _finish(self, stream: trio.abc.HalfCloseableStream) -> None:
-        """Half-close and wait for the server's EOF (a farewell may come first; it is not checked)."""
+    async def _finish(self, stream: trio.abc.Stream) -> None:
+        """Half-close and wait for the server's EOF (a farewell may come first; it is not checked).
+        TLS cannot half-close: the stream is simply closed."""
+        if not isinstance(stream, trio.abc.HalfCloseableStream):
+            return
         with trio.move_on_after(DRAIN_TIMEOUT) as scope:
             await stream.send_eof()
             while await stream.receive_some(PERIOD):
@@ -224,6 +236,7 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
         argv = [sys.executable, "-m", "trio_echo", "bench", opts.address, "--connections", str(connections)]
         argv += ["--size", str(opts.size), "--mode", opts.mode, "--window", str(opts.window)]
         argv += ["--worker-seed", str(sum(share[:index]))]
+        argv += ["--tls"] * opts.tls + ["--insecure"] * opts.insecure + (["--ca", opts.ca] if opts.ca else [])
         if opts.count is not None:
             argv += ["--count", str(max(1, opts.count * connections // opts.connections))]
         else:
@@ -305,6 +318,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--processes", type=_positive_int, default=1, metavar="P")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_tls_arguments(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, default=0, help=argparse.SUPPRESS)
 

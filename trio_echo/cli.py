@@ -12,6 +12,7 @@ from ._version import __version__
 from .admin.client import main as admin_main
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
+from .client import add_tls_arguments
 from .client import main as client_main
 from .config import Config, config_from_toml, config_to_toml, with_overrides
 from .daemon import EXIT_OK, EXIT_USAGE, raise_nofile_limit, run
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bye", metavar="MESSAGE", help="send MESSAGE, half-close, verify the echo and the farewell"
     )
     client.add_argument("--timeout", type=float, default=10.0, metavar="S", help="for --bye (default 10)")
+    add_tls_arguments(client)
 
     bench = commands.add_parser("bench", help="byte-verifying load generator with latency percentiles")
     add_bench_arguments(bench)

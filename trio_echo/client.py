@@ -10,6 +10,7 @@ followed by a non-empty farewell (PRODUCT.md).
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from typing import BinaryIO
 
@@ -21,22 +22,49 @@ from .errors import AddressError, TrioEchoError
 EXIT_OK = 0
 EXIT_FAILED = 1
 READ_SIZE = 65536
+TLS_LAST_ECHO_WAIT = 1.0  # interactive TLS: after end of input, how long to wait for the last echo
 
 
 class ClientError(TrioEchoError):
     """Why the client could not do its job, in one line."""
 
 
-async def connect(address: Address) -> trio.abc.HalfCloseableStream:
-    """Open a stream to ``address`` (TCP v4/v6 by name or literal, or a Unix socket)."""
-    if address.transport != "tcp":
-        raise ClientError(f"{address}: the {address.transport} transport is not supported by this client yet")
+def tls_context(*, ca: str | None = None, insecure: bool = False) -> ssl.SSLContext:
+    """A client context: the system's trust store, or ``ca``; ``insecure`` accepts any certificate
+    (self-signed test servers)."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ClientError(f"cannot load the CA file {ca}: {exc}") from None
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def connect(address: Address, tls: ssl.SSLContext | None = None) -> trio.abc.Stream:
+    """Open a stream to ``address`` (TCP v4/v6 by name or literal, or a Unix socket); TLS for
+    ``tls://`` addresses or when a context is given (a default one for ``tls://`` without it)."""
+    if address.transport == "udp":
+        raise ClientError(f"{address}: the udp transport is not supported by this client yet")
+    if address.transport == "tls" and tls is None:
+        tls = tls_context()
     try:
         if address.path is not None:
-            return await trio.open_unix_socket(address.path)
-        return await trio.open_tcp_stream(address.host or "localhost", address.port)
+            stream: trio.abc.Stream = await trio.open_unix_socket(address.path)
+        else:
+            stream = await trio.open_tcp_stream(address.host or "localhost", address.port)
     except OSError as exc:
         raise ClientError(f"cannot connect to {address}: {exc.strerror or exc}") from None
+    if tls is None:
+        return stream
+    secure = trio.SSLStream(stream, tls, server_hostname=address.host or "localhost")
+    try:
+        await secure.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(secure)
+        raise ClientError(f"TLS handshake with {address} failed: {exc.__cause__ or exc}") from None
+    return secure
 
 
 async def _read_to_end(stream: trio.abc.ReceiveStream, sink: BinaryIO | None = None) -> bytes:
@@ -49,10 +77,20 @@ async def _read_to_end(stream: trio.abc.ReceiveStream, sink: BinaryIO | None = N
     return bytes(data)
 
 
-async def bye(address: Address, message: str, *, out: BinaryIO, err: BinaryIO, within: float) -> int:
+async def bye(
+    address: Address,
+    message: str,
+    *,
+    out: BinaryIO,
+    err: BinaryIO,
+    within: float,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     """The Hyper-V sample's handshake: send, half-close, verify the echo, print the farewell."""
     payload = message.encode() + b"\n"
-    stream = await connect(address)
+    stream = await connect(address, tls)
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        raise ClientError(f"{address}: --bye needs a half-close, which TLS streams cannot do")
     async with stream:
         with trio.move_on_after(within) as scope:
             await stream.send_all(payload)
@@ -74,9 +112,11 @@ async def bye(address: Address, message: str, *, out: BinaryIO, err: BinaryIO, w
     return EXIT_OK
 
 
-async def interactive(address: Address, *, stdin: BinaryIO, out: BinaryIO) -> int:
+async def interactive(
+    address: Address, *, stdin: BinaryIO, out: BinaryIO, tls: ssl.SSLContext | None = None
+) -> int:
     """Copy stdin to the server and the server to stdout until both directions are done."""
-    stream = await connect(address)
+    stream = await connect(address, tls)
     async with stream:
 
         async def pump_input() -> None:
@@ -85,7 +125,12 @@ async def interactive(address: Address, *, stdin: BinaryIO, out: BinaryIO) -> in
                 if not line:
                     break
                 await stream.send_all(line)
-            await stream.send_eof()
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            else:
+                # TLS cannot half-close: give the last echo a moment to arrive, then hang up.
+                await trio.sleep(TLS_LAST_ECHO_WAIT)
+                nursery.cancel_scope.cancel()
 
         try:
             async with trio.open_nursery() as nursery:
@@ -101,15 +146,33 @@ def main(args: argparse.Namespace) -> int:
     """Entry point from the CLI; one line on stderr and exit 1 when something fails."""
     try:
         address = parse_address(args.address)
+        tls = (
+            tls_context(ca=args.ca, insecure=args.insecure)
+            if (args.tls or args.ca or args.insecure)
+            else None
+        )
         if args.bye is not None:
             return trio.run(
                 lambda: bye(
-                    address, args.bye, out=sys.stdout.buffer, err=sys.stderr.buffer, within=args.timeout
+                    address,
+                    args.bye,
+                    out=sys.stdout.buffer,
+                    err=sys.stderr.buffer,
+                    within=args.timeout,
+                    tls=tls,
                 )
             )
-        return trio.run(lambda: interactive(address, stdin=sys.stdin.buffer, out=sys.stdout.buffer))
+        return trio.run(lambda: interactive(address, stdin=sys.stdin.buffer, out=sys.stdout.buffer, tls=tls))
     except (ClientError, AddressError) as exc:
         print(f"trio-echo client: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls", action="store_true", help="speak TLS (implied by a tls:// ADDR)")
+    parser.add_argument("--ca", metavar="FILE", help="trust this CA bundle (PEM) instead of the system's")
+    parser.add_argument(
+        "--insecure", action="store_true", help="accept any server certificate (self-signed tests)"
+    )
