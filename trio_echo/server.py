@@ -1,12 +1,16 @@
 """EchoServer: listeners as supervisor children, connections in a handler nursery, graceful drain.
 
-Structure (accept loops and handlers live in different nurseries, so stopping cancels accepting first
-and then gives handlers a deadline)::
+Structure (accept loops and handlers live in different nurseries, so stopping closes the listeners
+first and then gives handlers a deadline)::
 
     run()
-      handler nursery ........ one task per connection, each in its own cancel scope, never restarted
-      accept nursery
-        Supervisor ........... one permanent child per listen entry: bind, then accept loops
+      handler nursery ........ one task per connection (Connection.run), its own cancel scope, never
+                               restarted
+      services nursery
+        trace file writer .... (when [trace] file is set)
+        Supervisor ........... one permanent child per listen entry (bind, then accept loops) and the
+                               admin port; on stop the listener children are terminated at once, the
+                               admin port stays up (/readyz says draining) until the drain is over
 """
 
 from __future__ import annotations
