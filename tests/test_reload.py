@@ -32,7 +32,10 @@ class LogWatcher:
         self._thread.start()
 
     def close(self) -> None:
-        """After the process ended: finish reading and close the pipe."""
+        """Stop the process if it still runs, finish reading and close the pipe."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
         self._thread.join(timeout=10)
         if self._proc.stderr is not None:
             self._proc.stderr.close()
@@ -143,9 +146,6 @@ def test_sighup_applies_live_and_keeps_connections(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         log.close()
         notify.close()
     assert not any("Traceback" in line for line in log.lines), "".join(log.lines)
@@ -168,7 +168,4 @@ def test_restart_only_keys_are_named(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         log.close()

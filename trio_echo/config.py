@@ -21,15 +21,12 @@ from typing import Any
 
 import attrs
 
-from .addresses import Address, format_host_port, parse_address
+from .addresses import Address, parse_address
 from .errors import AddressError, ConfigError
 from .events import DEFAULT_FLAGS, Flag, format_flags, parse_flags
 
-# Transports this version serves; the address grammar already knows tls:// and udp:// (PRODUCT.md).
+# Transports this version serves; the address grammar also knows udp:// (PRODUCT.md), not served yet.
 SUPPORTED_TRANSPORTS = ("tcp", "tls")
-# Keys of the contract (PRODUCT.md) that this version parses but does not act on yet: setting them is an
-# error rather than silently ignored.
-RESERVED_KEYS: tuple[tuple[str, str], ...] = ()
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FALLBACK_MAX_CONNECTIONS = 4096  # PRODUCT.md: where there is no RLIMIT_NOFILE (Windows)
 
@@ -279,11 +276,6 @@ class Config:
     tls: TlsConfig = TlsConfig()
 
     def __attrs_post_init__(self) -> None:
-        for section, key in RESERVED_KEYS:
-            value = getattr(getattr(self, section), key)
-            default = attrs.fields_dict(type(getattr(self, section)))[key].default
-            if value != default:
-                raise ConfigError(f"{section}.{key}", value, "is not supported by this version yet")
         uses_tls = any(entry.address.transport == "tls" for entry in self.server.listen)
         if uses_tls and not (self.tls.cert_file and self.tls.key_file):
             raise ConfigError(
@@ -521,9 +513,3 @@ def with_overrides(config: Config, *, listen: list[str] | None = None, admin: st
         except ConfigError as exc:
             raise ConfigError("--admin", admin, exc.problem) from None
     return attrs.evolve(config, server=server, admin=admin_section)
-
-
-def admin_url_host(listen: str) -> str:
-    """``host:port`` of an admin address for printing (``:P`` shows as ``localhost:P``)."""
-    address = parse_address(listen)
-    return format_host_port(address.host or "localhost", address.port)

@@ -43,62 +43,54 @@ def _labelled(label: str, values: Mapping[str, int]) -> list[tuple[str, float]]:
 
 
 def render(snapshot: MetricsSnapshot) -> str:
+    families: list[tuple[str, str, str, list[tuple[str, float]]]] = [
+        (
+            "connections_active",
+            "gauge",
+            "Client connections open now.",
+            _labelled("listener", snapshot.active),
+        ),
+        (
+            "connections_total",
+            "counter",
+            "Client connections accepted since start.",
+            _labelled("listener", snapshot.total),
+        ),
+        (
+            "connections_closed_total",
+            "counter",
+            "Client connections closed, by reason.",
+            _labelled("reason", snapshot.closed),
+        ),
+        (
+            "connections_refused_total",
+            "counter",
+            "Client connections refused, by reason.",
+            _labelled("reason", snapshot.refused),
+        ),
+        ("bytes_received_total", "counter", "Bytes received from clients.", [("", snapshot.bytes_in)]),
+        (
+            "bytes_sent_total",
+            "counter",
+            "Bytes sent to clients (echo, greetings, farewells).",
+            [("", snapshot.bytes_out)],
+        ),
+        (
+            "supervisor_restarts_total",
+            "counter",
+            "Restarts of supervised tasks, by child.",
+            _labelled("child", snapshot.restarts),
+        ),
+        (
+            "trace_dropped_total",
+            "counter",
+            "Trace events dropped by slow subscribers.",
+            [("", snapshot.trace_dropped)],
+        ),
+        ("uptime_seconds", "gauge", "Seconds since the server started.", [("", float(snapshot.uptime))]),
+        ("build_info", "gauge", "Build information.", [(f'{{version="{_escape(snapshot.version)}"}}', 1)]),
+    ]
     lines: list[str] = []
-    lines += _family(
-        "trio_echo_connections_active",
-        "gauge",
-        "Client connections open now.",
-        _labelled("listener", snapshot.active),
-    )
-    lines += _family(
-        "trio_echo_connections_total",
-        "counter",
-        "Client connections accepted since start.",
-        _labelled("listener", snapshot.total),
-    )
-    lines += _family(
-        "trio_echo_connections_closed_total",
-        "counter",
-        "Client connections closed, by reason.",
-        _labelled("reason", snapshot.closed),
-    )
-    lines += _family(
-        "trio_echo_connections_refused_total",
-        "counter",
-        "Client connections refused, by reason.",
-        _labelled("reason", snapshot.refused),
-    )
-    lines += _family(
-        "trio_echo_bytes_received_total", "counter", "Bytes received from clients.", [("", snapshot.bytes_in)]
-    )
-    lines += _family(
-        "trio_echo_bytes_sent_total",
-        "counter",
-        "Bytes sent to clients (echo, greetings, farewells).",
-        [("", snapshot.bytes_out)],
-    )
-    lines += _family(
-        "trio_echo_supervisor_restarts_total",
-        "counter",
-        "Restarts of supervised tasks, by child.",
-        _labelled("child", snapshot.restarts),
-    )
-    lines += _family(
-        "trio_echo_trace_dropped_total",
-        "counter",
-        "Trace events dropped by slow subscribers.",
-        [("", snapshot.trace_dropped)],
-    )
-    lines += _family(
-        "trio_echo_uptime_seconds",
-        "gauge",
-        "Seconds since the server started.",
-        [("", float(snapshot.uptime))],
-    )
-    lines += _family(
-        "trio_echo_build_info",
-        "gauge",
-        "Build information.",
-        [(f'{{version="{_escape(snapshot.version)}"}}', 1)],
-    )
+    for name, kind, help_text, samples in families:
+        lines += _family(f"trio_echo_{name}", kind, help_text, samples)
     return "\n".join(lines) + "\n"
