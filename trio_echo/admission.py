@@ -35,8 +35,13 @@ def source_of(ip: str) -> tuple[Address, str]:
     return address, str(address)
 
 
-def _networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def in_any(address: Address, nets: Iterable[Network]) -> bool:
+    """Whether ``address`` lies in one of ``nets`` (networks of the other family never match)."""
+    return any(address in net for net in nets if net.version == address.version)
 
 
 class Admission:
@@ -58,8 +63,8 @@ class Admission:
         the count is below it)."""
         self.max_connections = max_connections
         self.max_per_source = limits.max_connections_per_ip
-        self.allow = _networks(limits.allow)
-        self.deny = _networks(limits.deny)
+        self.allow = networks(limits.allow)
+        self.deny = networks(limits.deny)
         self.connect_rate = limits.max_connect_rate_per_ip
         self._buckets.clear()
 
@@ -74,9 +79,7 @@ class Admission:
         if ip is None:
             return None
         address, key = source_of(ip)
-        if self.deny and any(address in net for net in self.deny if net.version == address.version):
-            return "denied"
-        if self.allow and not any(address in net for net in self.allow if net.version == address.version):
+        if in_any(address, self.deny) or (self.allow and not in_any(address, self.allow)):
             return "denied"
         if self.connect_rate and not self._bucket(key, now).take(now):
             return "connect_rate"

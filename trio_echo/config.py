@@ -101,6 +101,20 @@ class ListenerConfig:
     """Label for stats, metrics and trace events; defaults to the address as written."""
     backlog: int | None = attrs.field(default=None, validator=_positive)
     """Listen backlog of this entry; defaults to ``server.backlog``."""
+    proxy_protocol: str = attrs.field(default="off", validator=_one_of("off", "v1", "v2", "any"))
+    """Expect a PROXY protocol header (HAProxy ``send-proxy``/``send-proxy-v2``) on every connection."""
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+    """CIDRs a PROXY header is accepted from; connections from elsewhere are refused (untrusted_proxy)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.proxy_protocol == "off":
+            return
+        if self.address.transport == "udp":
+            raise ConfigError("proxy_protocol", self.proxy_protocol, "PROXY headers are for stream listeners")
+        if not self.trusted_proxies and not self.address.is_unix:
+            raise ConfigError(
+                "trusted_proxies", [], 'a PROXY listener needs the proxies\' CIDRs, e.g. ["127.0.0.0/8"]'
+            )
 
     @property
     def label(self) -> str:
@@ -454,13 +468,14 @@ def _toml_value(value: object) -> str:
     if isinstance(value, str):
         return _toml_string(value)
     if isinstance(value, ListenerConfig):
-        if not value.name and value.backlog is None:
+        defaults = ListenerConfig(address=value.address)
+        if value == defaults:
             return _toml_string(str(value.address))
         parts = [f"address = {_toml_string(str(value.address))}"]
-        if value.name:
-            parts.append(f"name = {_toml_string(value.name)}")
-        if value.backlog is not None:
-            parts.append(f"backlog = {value.backlog}")
+        for field in attrs.fields(ListenerConfig)[1:]:
+            option = getattr(value, field.name)
+            if option != getattr(defaults, field.name):
+                parts.append(f"{field.name} = {_toml_value(option)}")
         return "{ " + ", ".join(parts) + " }"
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"

@@ -34,6 +34,7 @@ import trio
 
 from .echo import EchoSession, Step
 from .events import Flag
+from .proxyproto import HeaderParser, ProxyHeader, ProxyHeaderError
 from .ratelimit import TokenBucket
 from .trace import Tracer
 
@@ -375,6 +376,29 @@ async def close_gracefully(
         # aclose closes the resource even when cancelled (a hard stop), just less politely.
         with trio.move_on_after(linger_timeout):
             await stream.aclose()
+
+
+async def read_proxy_header(sock: socket.socket, parser: HeaderParser) -> ProxyHeader:
+    """Read exactly the PROXY header off a non-blocking socket and return it.
+
+    Peeks, lets the parser say how many of the bytes are header, and consumes only those: the client's
+    first bytes stay in the kernel for the pump or the TLS handshake. Bytes peeked before the header's
+    end all belong to it, so every peek is consumed and the wait never spins on the same bytes.
+
+    Raises:
+        ProxyHeaderError: the bytes are not a valid header, or the peer closed before it was complete.
+        OSError: the connection failed.
+    """
+    while parser.header is None:
+        try:
+            peeked = sock.recv(parser.wanted, socket.MSG_PEEK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if not peeked:
+            raise ProxyHeaderError("the connection closed before its PROXY header was complete")
+        sock.recv(parser.feed(peeked))  # all there already: recv returns exactly that much
+    return parser.header
 
 
 async def refuse(stream: trio.abc.Stream, text: bytes, *, patience: float) -> None:

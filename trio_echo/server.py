@@ -20,21 +20,23 @@ import logging
 import socket as stdlib_socket
 import ssl
 import sys
+from collections.abc import Callable
 
 import trio
 
 from ._version import __version__
 from .activation import Inherited
-from .addresses import format_sockaddr
+from .addresses import format_host_port, format_sockaddr
 from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
-from .admission import Admission
+from .admission import Admission, Network, in_any, networks, source_of
 from .config import Config, ListenerConfig
-from .connection import Connection, as_stream, refuse
+from .connection import Connection, as_stream, read_proxy_header, refuse
 from .echo import EchoSession
 from .errors import SupervisorGaveUp
 from .events import Flag
 from .listeners import ListeningSocket, accept_loop, open_listeners
+from .proxyproto import HeaderParser, ProxyHeaderError
 from .restarts import Restart
 from .stats import ConnectionInfo, Stats
 from .supervisor import ChildSpec, Supervisor
@@ -46,6 +48,7 @@ logger = logging.getLogger("trio_echo.server")
 # TCP keepalive on accepted sockets (PRODUCT.md): first probe after 60 s idle, then every 10 s, 5 probes.
 ADMIN_CHILD = "admin"
 KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 5))
+PROXY_HEADER_TIMEOUT = 3.0  # seconds a proxy gets to deliver the whole PROXY header
 
 
 class EchoServer:
@@ -123,6 +126,13 @@ class EchoServer:
         self._refusal = config.limits.refusal.encode()
         # One read buffer for every socket pump of this server (see Connection's ``scratch``).
         self._scratch = memoryview(bytearray(config.limits.buffer_size))
+        # Per-listener options by label, looked up at accept time so a reload applies them live.
+        self._listen_options: dict[str, ListenerConfig] = {}
+        self._trusted: dict[str, tuple[Network, ...]] = {}
+        self._set_listen_options(config)
+        self._pending_headers = 0  # PROXY listeners: accepted, header not read yet
+        # PROXY v2 LOCAL connections: served, but not counted as clients.
+        self._health_checks: dict[EchoSession, Connection] = {}
         self._handlers: trio.Nursery | None = None
         self._stop = trio.Event()
         self._quiet = trio.Event()
@@ -169,6 +179,7 @@ class EchoServer:
             bytes_out=stats.bytes_out,
             restarts=self.supervisor.restarts,
             trace_dropped=self.tracer.dropped,
+            health_checks=dict(stats.health_checks),
         )
 
     def stop(self) -> None:
@@ -189,6 +200,10 @@ class EchoServer:
         if self._handlers is None:
             raise RuntimeError("serve_stream needs a running server")
         self._admit(stream, None, peer, listener)
+
+    def _set_listen_options(self, config: Config) -> None:
+        self._listen_options = {entry.label: entry for entry in config.server.listen}
+        self._trusted = {entry.label: networks(entry.trusted_proxies) for entry in config.server.listen}
 
     @staticmethod
     def _tls(config: Config) -> ssl.SSLContext | None:
@@ -224,6 +239,7 @@ class EchoServer:
             needs_restart.append("server.listen (the listening sockets come from systemd)")
         self.config = config
         self._tls_context = tls_context
+        self._set_listen_options(config)
         self.max_connections = max_connections or config.limits.max_connections or sys.maxsize
         self.admission.configure(config.limits, self.max_connections)
         self.tracer.flags = config.trace.flags
@@ -309,13 +325,15 @@ class EchoServer:
         self.tracer.emit(
             Flag.INFO, "server.draining", active=active, timeout=self.config.limits.drain_timeout
         )
-        if active:
+        if active or self._health_checks:
             with trio.move_on_after(self.config.limits.drain_timeout):
                 await self._quiet.wait()
         for info in list(self.stats.connections.values()):
             if info.closer is not None:
                 info.closer("drain")
-        if self.stats.active:
+        for conn in list(self._health_checks.values()):
+            conn.close("drain")
+        if self.stats.active or self._health_checks:
             await self._quiet.wait()  # each close is bounded by linger_timeout
 
     # -- listeners (supervisor children) --------------------------------------------------------------
@@ -334,9 +352,9 @@ class EchoServer:
             task_status.started(names)
             async with trio.open_nursery() as nursery:
                 for item in sockets:
-                    tls = entry.address.transport == "tls"
-                    on_accept = functools.partial(self._accepted, entry.label, tls, item)
-                    nursery.start_soon(accept_loop, item, on_accept)
+                    nursery.start_soon(
+                        accept_loop, item, functools.partial(self._accepted, entry.label, item)
+                    )
         finally:
             for item in sockets:
                 item.close()
@@ -352,42 +370,69 @@ class EchoServer:
         self.tracer.emit(Flag.INFO, "listener.up", listener=label, addresses=[label])
         task_status.started([label])
         try:
-            await accept_loop(item, functools.partial(self._accepted, label, False, item))
+            await accept_loop(item, functools.partial(self._accepted, label, item))
         finally:
             self.tracer.emit(Flag.INFO, "listener.down", listener=label)
 
     def _accepted(
-        self, label: str, tls: bool, listener: ListeningSocket, sock: stdlib_socket.socket, peer: object
+        self, label: str, listener: ListeningSocket, sock: stdlib_socket.socket, peer: object
     ) -> None:
         ip: str | None = None
         if sock.family != stdlib_socket.AF_UNIX:
             _configure_accepted(sock, keepalive=self.config.limits.keepalive)
             ip = str(peer[0]) if isinstance(peer, tuple) else None
         peer_name = format_sockaddr(peer) if peer else listener.name
-        if tls and self._tls_context is not None:
+        options = self._listen_options.get(label)  # None: a socket systemd passed (plain TCP)
+        if options is not None and options.proxy_protocol != "off":
+            self._expect_proxy_header(sock, ip, peer_name, options)
+            return
+        self._dispatch(sock, ip, peer_name, label)
+
+    def _dispatch(
+        self, sock: stdlib_socket.socket, ip: str | None, peer: str, label: str, proxy: str = ""
+    ) -> None:
+        options = self._listen_options.get(label)
+        if options is not None and options.address.transport == "tls" and self._tls_context is not None:
             # TLS goes through the generic stream pump (the handshake runs in the connection's task).
             stream = trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
-            self._admit(stream, ip, peer_name, label)
+            self._admit(stream, ip, peer, label, proxy)
             return
         # The socket itself goes to the connection: the pump's fast path talks to it directly.
-        self._admit(sock, ip, peer_name, label)
+        self._admit(sock, ip, peer, label, proxy)
 
     def _admit(
-        self, stream: trio.abc.Stream | stdlib_socket.socket, ip: str | None, peer: str, listener: str
+        self,
+        stream: trio.abc.Stream | stdlib_socket.socket,
+        ip: str | None,
+        peer: str,
+        listener: str,
+        proxy: str = "",
     ) -> None:
         """Admit or refuse a new connection, synchronously, so the counts the next accept sees are
         exact (a task started now runs later)."""
-        assert self._handlers is not None
         reason = self.admission.admit(ip, self.stats.active, trio.current_time())
         if reason is None:
             limits = self.config.limits
             session = EchoSession(limits.buffer_size, self._greeting, self._farewell)
             info = self.stats.open(peer=peer, listener=listener, now=trio.current_time(), session=session)
+            info.proxy = proxy
             self._serve(stream, info, ip)
             return
+        self._refused(stream, reason, peer, listener)
+
+    def _refused(
+        self,
+        stream: trio.abc.Stream | stdlib_socket.socket,
+        reason: str,
+        peer: str,
+        listener: str,
+        message: str | None = None,
+    ) -> None:
+        assert self._handlers is not None
         self.stats.refuse(reason)
         if self.tracer.flags & Flag.CONN:
-            self.tracer.emit(Flag.CONN, "conn.refused", peer=peer, listener=listener, reason=reason)
+            fields = {"message": message} if message else {}
+            self.tracer.emit(Flag.CONN, "conn.refused", peer=peer, listener=listener, reason=reason, **fields)
         if isinstance(stream, stdlib_socket.socket):
             if self._lingering_refusals >= self._max_lingering_refusals:
                 stream.close()  # a flood: no descriptor may wait on a polite goodbye
@@ -399,6 +444,75 @@ class EchoServer:
         else:
             self._handlers.start_soon(trio.aclose_forcefully, stream)
 
+    # -- PROXY protocol listeners ---------------------------------------------------------------------
+
+    def _expect_proxy_header(
+        self, sock: stdlib_socket.socket, ip: str | None, peer: str, options: ListenerConfig
+    ) -> None:
+        """A PROXY listener: only trusted proxies may speak, and what they say comes first. Unix
+        peers are trusted (the socket file's permissions decide who may connect)."""
+        assert self._handlers is not None
+        label = options.label
+        if ip is not None and not in_any(source_of(ip)[0], self._trusted.get(label, ())):
+            self._refused(sock, "untrusted_proxy", peer, label)
+            return
+        # Connections waiting for a header or serving a health check hold descriptors too.
+        if self.stats.active + self._pending_headers + len(self._health_checks) >= self.max_connections:
+            self._refused(sock, "max_connections", peer, label)
+            return
+        self._pending_headers += 1
+        self._handlers.start_soon(self._proxied, sock, ip, peer, options)
+
+    async def _proxied(
+        self, sock: stdlib_socket.socket, proxy_ip: str | None, proxy: str, options: ListenerConfig
+    ) -> None:
+        parser = HeaderParser(options.proxy_protocol)
+        problem = f"no complete PROXY header within {PROXY_HEADER_TIMEOUT:g} s"
+        try:
+            with trio.move_on_after(PROXY_HEADER_TIMEOUT):
+                await read_proxy_header(sock, parser)
+        except ProxyHeaderError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"connection failed before its PROXY header: {exc.strerror or exc}"
+        except BaseException:
+            sock.close()  # cancelled (a hard stop): nobody else will close it
+            raise
+        finally:
+            self._pending_headers -= 1
+        header = parser.header
+        label = options.label
+        if header is None:
+            self._refused(sock, "proxy_header", proxy, label, message=problem)
+        elif header.local:
+            self._health_check(sock, label)
+        elif isinstance(header.source, tuple):
+            self._dispatch(sock, header.source[0], format_host_port(*header.source), label, proxy)
+        elif isinstance(header.source, str):
+            self._dispatch(sock, None, f"unix:{header.source}", label, proxy)
+        else:  # v1 UNKNOWN, v2 UNSPEC: the proxy does not know; its own address is all we have
+            self._dispatch(sock, proxy_ip, proxy, label, proxy)
+
+    def _health_check(self, sock: stdlib_socket.socket, label: str) -> None:
+        """A load balancer's own connection (PROXY v2 LOCAL): echoed like any other, so a
+        send/expect check works, but neither counted nor listed as a client. Drain closes it too."""
+        assert self._handlers is not None
+        self.stats.health_checks[label] += 1
+        stream: trio.abc.Stream | stdlib_socket.socket = sock
+        options = self._listen_options.get(label)
+        if options is not None and options.address.transport == "tls" and self._tls_context is not None:
+            stream = trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
+        session = EchoSession(self.config.limits.buffer_size)
+        conn = self._connection(stream, session, 0, functools.partial(self._health_check_closed, session))
+        self._health_checks[session] = conn
+        if self.draining:
+            conn.close("drain")
+        self._handlers.start_soon(conn.run)
+
+    def _health_check_closed(self, session: EchoSession, _reason: str) -> None:
+        del self._health_checks[session]
+        self._check_quiet()
+
     # -- connections (handler nursery) ----------------------------------------------------------------
 
     def _serve(
@@ -408,27 +522,39 @@ class EchoServer:
         connection keeps one frame less), with the bookkeeping before it here and after it in
         ``_closed``."""
         assert self._handlers is not None
+        conn = self._connection(stream, info.session, info.id, functools.partial(self._closed, info, ip))
+        info.closer = conn.close
+        info.transport = stream
+        if self.draining:
+            conn.close("drain")
+        if self.tracer.flags & Flag.CONN:
+            via = {"proxy": info.proxy} if info.proxy else {}
+            self.tracer.emit(
+                Flag.CONN, "conn.open", conn_id=info.id, peer=info.peer, listener=info.listener, **via
+            )
+        self._handlers.start_soon(conn.run)
+
+    def _connection(
+        self,
+        stream: trio.abc.Stream | stdlib_socket.socket,
+        session: EchoSession,
+        conn_id: int,
+        on_close: Callable[[str], None],
+    ) -> Connection:
         limits = self.config.limits
-        conn = Connection(
+        return Connection(
             stream,
-            info.session,
+            session,
             idle_timeout=limits.idle_timeout,
             send_timeout=limits.send_timeout,
             max_lifetime=limits.max_lifetime,
             linger_timeout=limits.linger_timeout,
             max_bytes_per_second=limits.max_bytes_per_second,
             tracer=self.tracer,
-            conn_id=info.id,
+            conn_id=conn_id,
             scratch=self._scratch,
-            on_close=functools.partial(self._closed, info, ip),
+            on_close=on_close,
         )
-        info.closer = conn.close
-        info.transport = stream
-        if self.draining:
-            conn.close("drain")
-        if self.tracer.flags & Flag.CONN:
-            self.tracer.emit(Flag.CONN, "conn.open", conn_id=info.id, peer=info.peer, listener=info.listener)
-        self._handlers.start_soon(conn.run)
 
     def _closed(self, info: ConnectionInfo, ip: str | None, reason: str) -> None:
         self.stats.close(info, reason)
@@ -446,7 +572,10 @@ class EchoServer:
                 duration=round(trio.current_time() - info.opened, 6),
                 reason=reason,
             )
-        if self.draining and not self.stats.connections:
+        self._check_quiet()
+
+    def _check_quiet(self) -> None:
+        if self.draining and not self.stats.connections and not self._health_checks:
             self._quiet.set()
 
     async def _refuse(self, stream: trio.abc.Stream) -> None:

@@ -27,6 +27,8 @@ class ConnectionInfo:
     session: EchoSession
     closer: Callable[[str], None] | None = None
     transport: object = None
+    proxy: str = ""
+    """The load balancer the connection came through (PROXY protocol listeners), else empty."""
 
     @property
     def bytes_in(self) -> int:
@@ -53,6 +55,8 @@ class Stats:
     total: int = 0
     closed: collections.Counter[str] = attrs.field(factory=collections.Counter)
     refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    health_checks: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Per listener: PROXY v2 LOCAL connections (a load balancer checking on us, not a client)."""
     closed_bytes_in: int = 0
     closed_bytes_out: int = 0
     _next_id: int = 1

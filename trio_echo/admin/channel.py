@@ -37,6 +37,8 @@ def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
         "bytes_in": info.bytes_in,
         "bytes_out": info.bytes_out,
     }
+    if info.proxy:
+        item["proxy"] = info.proxy
     sock: object = info.transport
     if isinstance(sock, trio.SocketStream):
         sock = sock.socket

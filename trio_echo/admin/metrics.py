@@ -23,6 +23,7 @@ class MetricsSnapshot:
     bytes_out: int
     restarts: Mapping[str, int]  # per supervisor child
     trace_dropped: int
+    health_checks: Mapping[str, int] = attrs.field(factory=dict)  # per listener (PROXY v2 LOCAL)
 
 
 def _escape(value: str) -> str:
@@ -67,6 +68,12 @@ def render(snapshot: MetricsSnapshot) -> str:
             "counter",
             "Client connections refused, by reason.",
             _labelled("reason", snapshot.refused),
+        ),
+        (
+            "proxy_health_checks_total",
+            "counter",
+            "Connections a load balancer opened for itself (PROXY v2 LOCAL); not counted as clients.",
+            _labelled("listener", snapshot.health_checks),
         ),
         ("bytes_received_total", "counter", "Bytes received from clients.", [("", snapshot.bytes_in)]),
         (
