@@ -113,6 +113,9 @@ def test_second_sigint_stops_at_once_with_exit_1() -> None:
 
 def test_default_listen_is_both_families_on_40007() -> None:
     probe = socket.socket()
+    # Like the server: a connection of an earlier test in TIME_WAIT on local port 40007 (it is in the
+    # ephemeral range) must not count as "in use"; only another listener does.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind(("0.0.0.0", 40007))
     except OSError:

@@ -78,7 +78,7 @@ async def test_bye_detects_a_corrupted_echo() -> None:
     [
         ("127.0.0.1:1", b"cannot connect to 127.0.0.1:1"),
         ("nonsense", b"expected HOST:PORT"),
-        ("udp://127.0.0.1:1", b"udp transport is not supported"),
+        ("udp://127.0.0.1:1", b"--bye and TLS need a stream; udp:// has none"),
     ],
 )
 async def test_client_errors_are_one_line(address: str, message: bytes) -> None:

@@ -85,14 +85,26 @@ def test_full_file_parses() -> None:
             "tls.cert_file = '': a tls:// listener needs tls.cert_file and tls.key_file",
         ),
         (
-            "[server]\nlisten = ['udp://:1']",
-            "server.listen[0] = 'udp://:1': transport 'udp' is not supported",
+            "[server]\nlisten = [{ address = 'udp://:1', proxy_protocol = 'v2', trusted_proxies = ['::1'] }]",
+            "server.listen[0].proxy_protocol = 'v2': PROXY headers are for stream listeners",
         ),
         ("[server]\nlisten = [7]", "server.listen[0] = 7: expected an ADDR string or a table"),
         ("[server]\nlisten = [{ name = 'x' }]", "server.listen[0].address = None: a listen table needs"),
         ("[server]\nlisten = [{ address = 7 }]", "server.listen[0].address = 7: expected an ADDR string"),
         ("[server]\nlisten = [{ address = ':1', x = 2 }]", "server.listen[0].x = 2: unknown key"),
         ("[server]\nlisten = [{ address = ':1', backlog = 0 }]", "server.listen[0].backlog = 0: must be > 0"),
+        (
+            "[server]\nlisten = [{ address = ':1', proxy_protocol = 'v2' }]",
+            "server.listen[0].trusted_proxies = []: a PROXY listener needs the proxies' CIDRs",
+        ),
+        (
+            "[server]\nlisten = [{ address = ':1', proxy_protocol = 'yes', trusted_proxies = ['::1'] }]",
+            "server.listen[0].proxy_protocol = 'yes': must be one of 'off', 'v1', 'v2', 'any'",
+        ),
+        (
+            "[server]\nlisten = [{ address = ':1', proxy_protocol = 'v1', trusted_proxies = ['lan'] }]",
+            "server.listen[0].trusted_proxies[0] = 'lan': is not a CIDR",
+        ),
         ("[server]\nbacklog = 70000", "server.backlog = 70000: must be <= 65535"),
         ("[server]\ngreeting = 5", "server.greeting = 5: expected a string"),
         ("[trace]\nflags = 'loud'", "trace.flags = 'loud': unknown trace flag 'loud'"),
@@ -121,7 +133,9 @@ def test_construction_validates_too() -> None:
 
 def test_effective_toml_round_trips() -> None:
     config = config_from_toml(
-        '[server]\nlisten = [":0", { address = "unix:/tmp/x", name = "u" }]\ngreeting = "a\\"b\\n\\u0001"\n'
+        '[server]\nlisten = [":0", { address = "unix:/tmp/x", name = "u" },'
+        ' { address = ":2", proxy_protocol = "v2", trusted_proxies = ["10.0.0.0/8", "::1"] }]\n'
+        'greeting = "a\\"b\\n\\u0001"\n'
         "[trace]\nflags = 5\n[limits]\nfd_reserve = 3"
     )
     text = config_to_toml(config, max_connections=1234)

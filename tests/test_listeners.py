@@ -122,10 +122,10 @@ async def test_a_missing_family_is_skipped_with_a_warning(
 
     real = listeners._open_inet
 
-    async def no_ipv6(family: int, *args: object) -> socket.socket:
+    def no_ipv6(family: int, *args: int, **options: int) -> socket.socket:
         if family == socket.AF_INET6:
             raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
-        return await real(family, *args)  # type: ignore[arg-type]
+        return real(family, *args, **options)
 
     monkeypatch.setattr(listeners, "_open_inet", no_ipv6)
     with caplog.at_level(logging.WARNING, logger="trio_echo.listeners"):

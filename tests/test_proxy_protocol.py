@@ -11,6 +11,7 @@ import trustme
 
 from tests.conftest import make_config, running_server
 from tests.test_server import connect
+from trio_echo.admin.channel import connection_item
 from trio_echo.admin.metrics import render
 from trio_echo.events import Event, Flag
 from trio_echo.proxyproto import encode_v1, encode_v2
@@ -55,6 +56,8 @@ async def test_v2_header_names_the_client_and_its_bytes_are_echoed() -> None:
             (info,) = server.stats.connections.values()
             assert info.peer == "203.0.113.9:50123"
             assert info.proxy.startswith("127.0.0.1:")
+            item = connection_item(info, trio.current_time())
+            assert (item["peer"], item["proxy"]) == (info.peer, info.proxy)
             await stream.send_all(b" world")
             assert await receive_exactly(stream, 6) == b" world"
             await stream.send_eof()

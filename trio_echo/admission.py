@@ -79,7 +79,7 @@ class Admission:
         if ip is None:
             return None
         address, key = source_of(ip)
-        if in_any(address, self.deny) or (self.allow and not in_any(address, self.allow)):
+        if not self.permits(address):
             return "denied"
         if self.connect_rate and not self._bucket(key, now).take(now):
             return "connect_rate"
@@ -88,6 +88,10 @@ class Admission:
             return "per_ip"
         self.per_source[key] = count + 1
         return None
+
+    def permits(self, address: Address) -> bool:
+        """Whether the allow/deny lists let ``address`` in (deny wins)."""
+        return not in_any(address, self.deny) and (not self.allow or in_any(address, self.allow))
 
     def release(self, ip: str | None) -> None:
         """An admitted connection from ``ip`` closed."""

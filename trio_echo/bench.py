@@ -1,7 +1,10 @@
 """``trio-echo bench ADDR``: a byte-verifying load generator with HdrHistogram latency percentiles.
 
 Modes: ``pingpong`` (each connection sends ``--size`` bytes and waits for them back) and ``stream``
-(each connection keeps up to ``--window`` bytes in flight). ``--rate R`` makes ping-pong open-loop: R
+(each connection keeps up to ``--window`` bytes in flight). ``udp://ADDR`` (or ``--udp``) runs
+ping-pong over UDP: each "connection" is a socket sending one numbered datagram at a time; a reply
+that does not come within ``--udp-timeout`` counts as lost (UDP may drop, and the server's per-source
+budget drops on purpose), a wrong or misnumbered one as a mismatch. ``--rate R`` makes ping-pong open-loop: R
 messages per second in total, each one's latency measured from when it was *meant* to be sent, so a
 stalled server cannot hide behind the client waiting for it (coordinated omission). ``--processes P``
 spreads the connections over P processes and merges their results.
@@ -13,15 +16,17 @@ import argparse
 import base64
 import json
 import math
+import struct
 import sys
 from typing import Any
 
+import attrs
 import trio
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from .addresses import Address, parse_address
 from .benchmodel import PERIOD, Pattern, Tally, report, summary_line
-from .client import ClientError, add_tls_arguments, connect, tls_context
+from .client import MAX_DATAGRAM, ClientError, add_tls_arguments, connect, connect_datagram, tls_context
 from .errors import AddressError
 
 MAX_LATENCY_US = 3_600_000_000  # an hour: anything slower is recorded as this
@@ -96,7 +101,15 @@ class Run:
             sys.stdout.write(line)
             sys.stdout.flush()
 
+    def _schedule(self, index: int) -> tuple[float, float]:
+        """Open loop: this connection's first send time and interval (0 = closed loop)."""
+        interval = self.connections / self.opts.rate if self.opts.rate else 0.0
+        return self.started + (interval * index / self.connections if interval else 0.0), interval
+
     async def _connection(self, index: int, count: int | None) -> None:
+        if self.address.transport == "udp":
+            await self._datagrams(index, count)
+            return
         try:
             stream = await connect(self.address, self.tls)
         except ClientError:
@@ -119,11 +132,8 @@ class Run:
         self, stream: trio.abc.Stream, pattern: Pattern, count: int | None, index: int
     ) -> None:
         size = self.opts.size
-        interval = 0.0
-        if self.opts.rate:
-            interval = self.connections / self.opts.rate  # this connection's share of the total rate
+        first, interval = self._schedule(index)
         offset = done = 0
-        first = self.started + (interval * index / self.connections if interval else 0.0)
         with trio.move_on_at(self.deadline):
             while count is None or done < count:
                 intended = first + done * interval if interval else trio.current_time()
@@ -137,6 +147,50 @@ class Run:
                 self.tally.roundtrips += 1
                 self.tally.bytes_echoed += size
         await self._finish(stream)
+
+    async def _datagrams(self, index: int, count: int | None) -> None:
+        """UDP ping-pong: datagram ``n`` is its number (8 bytes) and the pattern at ``n * size``."""
+        try:
+            sock = await connect_datagram(self.address)
+        except ClientError:
+            self.tally.errors["connect"] += 1
+            return
+        size, timeout = self.opts.size, self.opts.udp_timeout
+        pattern = Pattern(self.seed_base + index)
+        first, interval = self._schedule(index)
+        reply = bytearray(MAX_DATAGRAM + 1)  # one more: a longer reply must show as longer
+        done = 0
+        with sock, trio.move_on_at(self.deadline):
+            while count is None or done < count:
+                intended = first + done * interval if interval else trio.current_time()
+                if interval:
+                    await trio.sleep_until(intended)
+                header = struct.pack("!Q", done)
+                try:
+                    await sock.send(header + pattern.chunk(done * size, size - 8))
+                    with trio.move_on_after(timeout) as wait:
+                        while True:
+                            got = await sock.recv_into(reply)
+                            number = struct.unpack_from("!Q", reply)[0] if got >= 8 else -1
+                            if 0 <= number < done:
+                                continue  # a late reply to a datagram already counted lost
+                            if got != size or number != done:
+                                raise _Failed("mismatch")
+                            if not pattern.matches(done * size, memoryview(reply)[8:got]):
+                                raise _Failed("mismatch")
+                            self._record(intended)
+                            self.tally.roundtrips += 1
+                            self.tally.bytes_echoed += size
+                            break
+                except _Failed as failed:
+                    self.tally.errors[failed.kind] += 1
+                    return
+                except ConnectionRefusedError:
+                    self.tally.errors["connect"] += 1  # ICMP port unreachable: nobody listens
+                    return
+                if wait.cancelled_caught:
+                    self.tally.lost += 1
+                done += 1
 
     async def _expect(self, stream: trio.abc.Stream, pattern: Pattern, offset: int, size: int) -> None:
         got = 0
@@ -237,6 +291,7 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
         argv += ["--size", str(opts.size), "--mode", opts.mode, "--window", str(opts.window)]
         argv += ["--worker-seed", str(sum(share[:index]))]
         argv += ["--tls"] * opts.tls + ["--insecure"] * opts.insecure + (["--ca", opts.ca] if opts.ca else [])
+        argv += ["--udp"] * opts.udp + ["--udp-timeout", str(opts.udp_timeout)]
         if opts.count is not None:
             argv += ["--count", str(max(1, opts.count * connections // opts.connections))]
         else:
@@ -254,6 +309,7 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
     for result in results:
         part = Tally(result["roundtrips"], result["bytes_echoed"], result["connections"])
         part.errors.update(result["errors"])
+        part.lost = result["lost"]
         tally.merge(part)
         histogram.decode_and_add(base64.b64decode(result["histogram"]))
         duration = max(duration, result["duration_s"])
@@ -267,8 +323,11 @@ def main(args: argparse.Namespace) -> int:
     except AddressError as exc:
         print(f"trio-echo bench: {exc}", file=sys.stderr)
         return 2
-    if args.size > PERIOD or args.size < 1:
-        print(f"trio-echo bench: --size must be 1..{PERIOD}", file=sys.stderr)
+    if args.udp:
+        address = attrs.evolve(address, transport="udp")
+    problem = _usage_problem(address, args)
+    if problem:
+        print(f"trio-echo bench: {problem}", file=sys.stderr)
         return 2
     args.progress = sys.stdout.isatty() and not args.json and not args.worker
     if args.processes > 1:
@@ -285,17 +344,31 @@ def main(args: argparse.Namespace) -> int:
                     "bytes_echoed": tally.bytes_echoed,
                     "connections": tally.connections,
                     "errors": dict(tally.errors),
+                    "lost": tally.lost,
                     "duration_s": duration,
                     "histogram": base64.b64encode(histogram.encode()).decode(),
                 }
             )
         )
         return 0
-    result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=args.mode)
+    mode = f"udp-{args.mode}" if address.transport == "udp" else args.mode
+    result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=mode)
     if args.progress:
         sys.stdout.write("\r" + " " * 72 + "\r")
     print(json.dumps(result) if args.json else summary_line(result))
     return 0 if result["verified"] else 1
+
+
+def _usage_problem(address: Address, args: argparse.Namespace) -> str | None:
+    if address.transport != "udp":
+        return None if 1 <= args.size <= PERIOD else f"--size must be 1..{PERIOD}"
+    if args.mode != "pingpong":
+        return "UDP has no stream: use --mode pingpong"
+    if args.tls or args.ca or args.insecure:
+        return "TLS needs a stream; udp:// has none"
+    if address.path is not None:
+        return "UDP over Unix sockets is not supported"
+    return None if 8 <= args.size <= MAX_DATAGRAM else f"--size must be 8..{MAX_DATAGRAM} for UDP"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -318,6 +391,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--processes", type=_positive_int, default=1, metavar="P")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--udp", action="store_true", help="UDP ping-pong (implied by a udp:// ADDR)")
+    parser.add_argument(
+        "--udp-timeout",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="UDP: a datagram whose echo takes longer counts as lost",
+    )
     add_tls_arguments(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, default=0, help=argparse.SUPPRESS)

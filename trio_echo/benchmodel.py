@@ -52,8 +52,11 @@ class Tally:
     bytes_echoed: int = 0
     connections: int = 0
     errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    lost: int = 0
+    """UDP: datagrams whose echo did not come back in time (not an error: UDP may drop)."""
 
     def merge(self, other: Tally) -> None:
+        self.lost += other.lost
         self.roundtrips += other.roundtrips
         self.bytes_echoed += other.bytes_echoed
         self.connections += other.connections
@@ -84,6 +87,8 @@ def report(tally: Tally, *, duration: float, latency_us: dict[str, float], mode:
         "duration_s": round(duration, 3),
         "roundtrips": tally.roundtrips,
         "bytes_echoed": tally.bytes_echoed,
+        "lost": tally.lost,
+        "loss_ratio": round(tally.lost / max(1, tally.lost + tally.roundtrips), 6),
     }
 
 
@@ -95,5 +100,6 @@ def summary_line(result: dict[str, object]) -> str:
     return (
         f"{result['mode']}: {result['roundtrips_per_s']} round trips/s, {result['mb_per_s']} MB/s, "
         f"latency us p50 {latency['p50']} p90 {latency['p90']} p99 {latency['p99']} p99.9 {latency['p999']} "
-        f"max {latency['max']}, errors {result['errors']} {result['error_kinds']}, {status}"
+        f"max {latency['max']}, errors {result['errors']} {result['error_kinds']}, "
+        f"{status}" + (f", lost {result['lost']} ({result['loss_ratio']:.2%})" if result.get("lost") else "")
     )

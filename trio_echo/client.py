@@ -23,6 +23,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 READ_SIZE = 65536
 TLS_LAST_ECHO_WAIT = 1.0  # interactive TLS: after end of input, how long to wait for the last echo
+UDP_LAST_ECHO_WAIT = 1.0  # interactive UDP: the same (no EOF will come: UDP has no connection)
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
 
 
 class ClientError(TrioEchoError):
@@ -46,7 +48,7 @@ async def connect(address: Address, tls: ssl.SSLContext | None = None) -> trio.a
     """Open a stream to ``address`` (TCP v4/v6 by name or literal, or a Unix socket); TLS for
     ``tls://`` addresses or when a context is given (a default one for ``tls://`` without it)."""
     if address.transport == "udp":
-        raise ClientError(f"{address}: the udp transport is not supported by this client yet")
+        raise ClientError(f"{address}: UDP has no streams (use connect_datagram)")
     if address.transport == "tls" and tls is None:
         tls = tls_context()
     try:
@@ -65,6 +67,24 @@ async def connect(address: Address, tls: ssl.SSLContext | None = None) -> trio.a
         await trio.aclose_forcefully(secure)
         raise ClientError(f"TLS handshake with {address} failed: {exc.__cause__ or exc}") from None
     return secure
+
+
+async def connect_datagram(address: Address) -> trio.socket.SocketType:
+    """A UDP socket connected to ``address`` (``udp://HOST:PORT``): ``send``/``recv`` reach only it,
+    and an ICMP port-unreachable surfaces as ConnectionRefusedError."""
+    host = address.host or "localhost"
+    try:
+        infos = await trio.socket.getaddrinfo(host, address.port, type=trio.socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ClientError(f"cannot resolve {host!r}: {exc.strerror or exc}") from None
+    family, kind, proto, _name, sockaddr = infos[0]
+    sock = trio.socket.socket(family, kind, proto)
+    try:
+        await sock.connect(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise ClientError(f"cannot connect to {address}: {exc.strerror or exc}") from None
+    return sock
 
 
 async def _read_to_end(stream: trio.abc.ReceiveStream, sink: BinaryIO | None = None) -> bytes:
@@ -142,6 +162,28 @@ async def interactive(
     return EXIT_OK
 
 
+async def interactive_datagrams(address: Address, *, stdin: BinaryIO, out: BinaryIO) -> int:
+    """UDP: each line of stdin is one datagram; every reply is printed as it comes."""
+    sock = await connect_datagram(address)
+    with sock:
+
+        async def pump_input() -> None:
+            while line := await trio.to_thread.run_sync(stdin.readline, abandon_on_cancel=True):
+                await sock.send(line[:MAX_DATAGRAM])
+            await trio.sleep(UDP_LAST_ECHO_WAIT)
+            nursery.cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump_input)
+                while True:
+                    out.write(await sock.recv(MAX_DATAGRAM))
+                    out.flush()
+        except* ConnectionRefusedError:
+            raise ClientError(f"nothing answers at {address} (ICMP port unreachable)") from None
+    return EXIT_OK
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point from the CLI; one line on stderr and exit 1 when something fails."""
     try:
@@ -151,6 +193,12 @@ def main(args: argparse.Namespace) -> int:
             if (args.tls or args.ca or args.insecure)
             else None
         )
+        if address.transport == "udp":
+            if args.bye is not None or tls is not None:
+                raise ClientError("--bye and TLS need a stream; udp:// has none")
+            return trio.run(
+                lambda: interactive_datagrams(address, stdin=sys.stdin.buffer, out=sys.stdout.buffer)
+            )
         if args.bye is not None:
             return trio.run(
                 lambda: bye(

@@ -25,8 +25,7 @@ from .addresses import Address, parse_address
 from .errors import AddressError, ConfigError
 from .events import DEFAULT_FLAGS, Flag, format_flags, parse_flags
 
-# Transports this version serves; the address grammar also knows udp:// (PRODUCT.md), not served yet.
-SUPPORTED_TRANSPORTS = ("tcp", "tls")
+SUPPORTED_TRANSPORTS = ("tcp", "tls", "udp")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FALLBACK_MAX_CONNECTIONS = 4096  # PRODUCT.md: where there is no RLIMIT_NOFILE (Windows)
 
@@ -203,6 +202,10 @@ class LimitsConfig:
     """New connections per second per source address (token bucket)."""
     max_bytes_per_second: int = attrs.field(default=0, validator=_non_negative)
     """Echo bandwidth cap per connection."""
+    max_datagrams_per_second_per_ip: float = attrs.field(default=1000.0, validator=[_finite, _non_negative])
+    """UDP echo: datagrams echoed per second per source address; more are dropped (reason ``rate``)."""
+    max_datagram_bytes_per_second_per_ip: int = attrs.field(default=1048576, validator=_non_negative)
+    """UDP echo: bytes echoed per second per source address; more are dropped (reason ``bandwidth``)."""
 
 
 @attrs.frozen

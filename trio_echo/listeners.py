@@ -1,8 +1,9 @@
-"""Listening sockets: open them (TCP v4/v6, Unix), and run accept loops that survive overload.
+"""Listening sockets: open them (TCP and UDP v4/v6, Unix), and run accept loops that survive overload.
 
-Only this module and :mod:`trio_echo.connection` touch sockets. ``open_listeners`` turns one listen
-entry into one or more bound, listening sockets; ``accept_loop`` hands each accepted socket to a
-callback and backs off, quietly, when the process or system is out of descriptors or memory.
+Only this module, :mod:`trio_echo.connection` and :mod:`trio_echo.datagrams` touch sockets.
+``open_listeners`` turns one listen entry into one or more bound sockets (listening, or for ``udp://``
+bound datagram sockets); ``accept_loop`` hands each accepted socket to a callback and backs off,
+quietly, when the process or system is out of descriptors or memory.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ CAPACITY_LOG_INTERVAL = 1.0  # at most one line per second per listener while ou
 
 @attrs.define(eq=False)
 class ListeningSocket:
-    """A bound, listening socket; for Unix sockets also the file we created (removed on close)."""
+    """A bound socket (listening, or a UDP socket); for Unix sockets also the file we created (removed
+    on close)."""
 
     sock: stdlib_socket.socket  # non-blocking; accept_loop waits for readability through trio
     name: str
@@ -66,7 +68,7 @@ class ListeningSocket:
 
 
 async def open_listeners(address: Address, *, backlog: int, socket_buffer: int = 0) -> list[ListeningSocket]:
-    """Bind and listen on every socket ``address`` stands for.
+    """Bind (and for stream transports listen on) every socket ``address`` stands for.
 
     ``:PORT`` is 0.0.0.0 and :: (IPV6_V6ONLY); a host name is every address it resolves to; with port 0
     every socket gets the port the first one was given. A family the host lacks is skipped with a
@@ -77,14 +79,15 @@ async def open_listeners(address: Address, *, backlog: int, socket_buffer: int =
     """
     if address.path is not None:
         return [await _open_unix(address.path, backlog=backlog)]
-    targets = await _resolve(address)
+    kind = stdlib_socket.SOCK_DGRAM if address.transport == "udp" else stdlib_socket.SOCK_STREAM
+    targets = await _resolve(address, kind)
     for _attempt in range(10):  # port 0: another process may take our port in the second family
         opened: list[ListeningSocket] = []
         port = address.port
         try:
             for family, host in targets:
                 try:
-                    sock = await _open_inet(family, host, port, backlog, socket_buffer)
+                    sock = _open_inet(family, kind, host, port, backlog=backlog, socket_buffer=socket_buffer)
                 except OSError as exc:
                     if exc.errno in FAMILY_MISSING_ERRNOS and (len(targets) > 1 or address.host is None):
                         logger.warning("skipping %s for %s: %s", host or "::", address, exc.strerror)
@@ -104,7 +107,7 @@ async def open_listeners(address: Address, *, backlog: int, socket_buffer: int =
     raise ListenerError(f"cannot listen on {address}: no port free in every family")  # pragma: no cover
 
 
-async def _resolve(address: Address) -> list[tuple[int, str]]:
+async def _resolve(address: Address, kind: int) -> list[tuple[int, str]]:
     if address.host is None:
         families: list[tuple[int, str]] = [(stdlib_socket.AF_INET, "0.0.0.0")]
         if stdlib_socket.has_ipv6:
@@ -112,7 +115,7 @@ async def _resolve(address: Address) -> list[tuple[int, str]]:
         return families
     try:
         infos = await trio.socket.getaddrinfo(
-            address.host, address.port, type=stdlib_socket.SOCK_STREAM, flags=stdlib_socket.AI_PASSIVE
+            address.host, address.port, type=kind, flags=stdlib_socket.AI_PASSIVE
         )
     except stdlib_socket.gaierror as exc:
         raise ListenerError(f"cannot resolve {address.host!r}: {exc.strerror}") from exc
@@ -124,12 +127,12 @@ async def _resolve(address: Address) -> list[tuple[int, str]]:
     return seen
 
 
-async def _open_inet(
-    family: int, host: str, port: int, backlog: int, socket_buffer: int
+def _open_inet(
+    family: int, kind: int, host: str, port: int, *, backlog: int, socket_buffer: int
 ) -> stdlib_socket.socket:
-    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+    sock = stdlib_socket.socket(family, kind)
     try:
-        if sys.platform != "win32":
+        if sys.platform != "win32" and kind == stdlib_socket.SOCK_STREAM:
             # Rebind at once after a restart even with connections in TIME_WAIT.
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
         if family == stdlib_socket.AF_INET6:
@@ -140,7 +143,8 @@ async def _open_inet(
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, socket_buffer)
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, socket_buffer)
         sock.bind((host, port))  # numeric: getaddrinfo already resolved it
-        sock.listen(backlog)
+        if kind == stdlib_socket.SOCK_STREAM:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

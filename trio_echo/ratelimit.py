@@ -1,6 +1,9 @@
-"""Token buckets (pure): rates of connections per source and of echoed bytes per connection."""
+"""Token buckets (pure): rates of connections per source, of echoed bytes per connection, and of
+datagrams and their bytes per source (UDP echo)."""
 
 from __future__ import annotations
+
+MAX_SOURCES = 4096  # per-source buckets kept before idle (full) ones are dropped
 
 
 class TokenBucket:
@@ -48,3 +51,54 @@ class TokenBucket:
     def is_full(self, now: float) -> bool:
         self._refill(now)
         return self.tokens >= self.burst
+
+
+class SourceBudget:
+    """Per-source datagram and byte budgets for UDP echo, so the service cannot be aimed at a victim
+    whose address a sender forges: each source gets at most ``datagrams_per_second`` and
+    ``bytes_per_second`` (each 0 = unlimited), with one second's worth as burst.
+
+    :meth:`allow` is asked once per datagram and answers ``None`` or the drop reason: ``rate`` (too
+    many datagrams) or ``bandwidth`` (too many bytes). A datagram that is dropped costs nothing.
+    """
+
+    def __init__(self, datagrams_per_second: float, bytes_per_second: int) -> None:
+        self.datagrams_per_second = datagrams_per_second
+        self.bytes_per_second = bytes_per_second
+        self._buckets: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.datagrams_per_second or self.bytes_per_second)
+
+    def allow(self, source: str, size: int, now: float) -> str | None:
+        if not self.enabled:
+            return None
+        buckets = self._buckets.get(source)
+        if buckets is None:
+            if len(self._buckets) >= MAX_SOURCES:
+                # A full bucket is indistinguishable from a new one: drop those, so forged sources
+                # cannot grow this table without bound.
+                for stale in [key for key, pair in self._buckets.items() if _idle(pair, now)]:
+                    del self._buckets[stale]
+            rate, volume = self.datagrams_per_second, self.bytes_per_second
+            buckets = (
+                TokenBucket(rate, max(1.0, rate), now) if rate else None,
+                TokenBucket(volume, volume, now) if volume else None,
+            )
+            self._buckets[source] = buckets
+        count, size_bucket = buckets
+        if count is not None and not count.take(now):
+            return "rate"
+        if size_bucket is not None and not size_bucket.take(now, size):
+            if count is not None:
+                count.tokens += 1  # the datagram was not echoed: give its token back
+            return "bandwidth"
+        return None
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def _idle(pair: tuple[TokenBucket | None, TokenBucket | None], now: float) -> bool:
+    return all(bucket is None or bucket.is_full(now) for bucket in pair)

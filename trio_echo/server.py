@@ -32,11 +32,13 @@ from .admin.port import AdminServer
 from .admission import Admission, Network, in_any, networks, source_of
 from .config import Config, ListenerConfig
 from .connection import Connection, as_stream, read_proxy_header, refuse
+from .datagrams import echo_datagrams
 from .echo import EchoSession
 from .errors import SupervisorGaveUp
 from .events import Flag
 from .listeners import ListeningSocket, accept_loop, open_listeners
 from .proxyproto import HeaderParser, ProxyHeaderError
+from .ratelimit import SourceBudget
 from .restarts import Restart
 from .stats import ConnectionInfo, Stats
 from .supervisor import ChildSpec, Supervisor
@@ -116,6 +118,7 @@ class EchoServer:
             tracer=self.tracer,
         )
         self.admission = Admission(config.limits, self.max_connections)
+        self._budget = _budget(config)
         self._tls_context = self._tls(config)  # may raise ConfigError (unreadable certificate)
         # Refusals linger (so the refusal text survives) and each holds a descriptor meanwhile; past
         # this many at once, refuse by closing at once so a flood cannot eat the fd reserve.
@@ -161,10 +164,15 @@ class EchoServer:
 
     def listener_descriptions(self) -> list[dict[str, str]]:
         """The bound echo addresses with their transport, for the admin ``hello``."""
-        return [
-            {"address": address, "transport": "unix" if address.startswith("unix:") else "tcp"}
-            for address in self.addresses
-        ]
+        described = []
+        for name in self._listener_names:
+            value = self.supervisor.value(name)
+            options = self._listen_options.get(name)
+            transport = options.address.transport if options is not None else "tcp"
+            for address in value if isinstance(value, list) else []:
+                kind = "unix" if address.startswith("unix:") and transport == "tcp" else transport
+                described.append({"address": address, "transport": kind})
+        return described
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         stats = self.stats
@@ -180,6 +188,9 @@ class EchoServer:
             restarts=self.supervisor.restarts,
             trace_dropped=self.tracer.dropped,
             health_checks=dict(stats.health_checks),
+            datagrams_in={name: counts.received for name, counts in stats.datagrams.items()},
+            datagrams_out={name: counts.echoed for name, counts in stats.datagrams.items()},
+            datagrams_dropped=dict(stats.dropped),
         )
 
     def stop(self) -> None:
@@ -242,6 +253,7 @@ class EchoServer:
         self._set_listen_options(config)
         self.max_connections = max_connections or config.limits.max_connections or sys.maxsize
         self.admission.configure(config.limits, self.max_connections)
+        self._budget = _budget(config)
         self.tracer.flags = config.trace.flags
         self._greeting = config.server.greeting.encode()
         self._farewell = config.server.farewell.encode()
@@ -345,16 +357,28 @@ class EchoServer:
             socket_buffer=self.config.limits.socket_buffer,
         )
         try:
-            names = [item.name for item in sockets]
+            udp = entry.address.transport == "udp"
+            names = [f"udp://{item.name}" if udp else item.name for item in sockets]
             for name in names:
                 logger.info("listening on %s (%s)", name, entry.label)
             self.tracer.emit(Flag.INFO, "listener.up", listener=entry.label, addresses=names)
             task_status.started(names)
             async with trio.open_nursery() as nursery:
                 for item in sockets:
-                    nursery.start_soon(
-                        accept_loop, item, functools.partial(self._accepted, entry.label, item)
-                    )
+                    if udp:
+                        echo = functools.partial(
+                            echo_datagrams,
+                            item.sock,
+                            verdict=self._datagram_verdict,
+                            counts=self.stats.datagrams[entry.label],
+                            dropped=self.stats.dropped,
+                            tracer=self.tracer,
+                            listener=entry.label,
+                        )
+                        nursery.start_soon(echo)
+                    else:
+                        on_accept = functools.partial(self._accepted, entry.label, item)
+                        nursery.start_soon(accept_loop, item, on_accept)
         finally:
             for item in sockets:
                 item.close()
@@ -443,6 +467,13 @@ class EchoServer:
             self._handlers.start_soon(self._refuse, stream)
         else:
             self._handlers.start_soon(trio.aclose_forcefully, stream)
+
+    def _datagram_verdict(self, ip: str, size: int) -> str | None:
+        """UDP: whether to echo a datagram of ``size`` bytes from ``ip`` (None) or why not."""
+        address, source = source_of(ip)
+        if not self.admission.permits(address):
+            return "denied"
+        return self._budget.allow(source, size, trio.current_time())
 
     # -- PROXY protocol listeners ---------------------------------------------------------------------
 
@@ -599,6 +630,11 @@ def _configure_accepted(sock: stdlib_socket.socket, *, keepalive: bool) -> None:
                 sock.setsockopt(stdlib_socket.IPPROTO_TCP, option, value)
     except OSError:
         pass  # the peer may already be gone; the pump will find out
+
+
+def _budget(config: Config) -> SourceBudget:
+    limits = config.limits
+    return SourceBudget(limits.max_datagrams_per_second_per_ip, limits.max_datagram_bytes_per_second_per_ip)
 
 
 def _single(group: BaseExceptionGroup[SupervisorGaveUp]) -> SupervisorGaveUp:

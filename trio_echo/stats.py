@@ -46,6 +46,16 @@ class ListenerStats:
 
 
 @attrs.define
+class DatagramCounts:
+    """One UDP listener's traffic (its echo loop adds to these per datagram)."""
+
+    received: int = 0
+    echoed: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@attrs.define
 class Stats:
     """Everything counted since start. ``now`` values come from the caller's clock."""
 
@@ -59,6 +69,11 @@ class Stats:
     """Per listener: PROXY v2 LOCAL connections (a load balancer checking on us, not a client)."""
     closed_bytes_in: int = 0
     closed_bytes_out: int = 0
+    datagrams: dict[str, DatagramCounts] = attrs.field(
+        factory=lambda: collections.defaultdict(DatagramCounts)
+    )
+    dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """UDP datagrams received but not echoed, by reason."""
     _next_id: int = 1
 
     def open(self, *, peer: str, listener: str, now: float, session: EchoSession) -> ConnectionInfo:
@@ -90,11 +105,13 @@ class Stats:
 
     @property
     def bytes_in(self) -> int:
-        return self.closed_bytes_in + sum(c.bytes_in for c in self.connections.values())
+        live = sum(c.bytes_in for c in self.connections.values())
+        return self.closed_bytes_in + live + sum(d.bytes_in for d in self.datagrams.values())
 
     @property
     def bytes_out(self) -> int:
-        return self.closed_bytes_out + sum(c.bytes_out for c in self.connections.values())
+        live = sum(c.bytes_out for c in self.connections.values())
+        return self.closed_bytes_out + live + sum(d.bytes_out for d in self.datagrams.values())
 
     def snapshot(self, now: float) -> dict[str, object]:
         """Live counts in the shape of the admin ``stats`` message (without its ``type``)."""

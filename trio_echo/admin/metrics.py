@@ -24,6 +24,9 @@ class MetricsSnapshot:
     restarts: Mapping[str, int]  # per supervisor child
     trace_dropped: int
     health_checks: Mapping[str, int] = attrs.field(factory=dict)  # per listener (PROXY v2 LOCAL)
+    datagrams_in: Mapping[str, int] = attrs.field(factory=dict)  # per UDP listener
+    datagrams_out: Mapping[str, int] = attrs.field(factory=dict)  # per UDP listener
+    datagrams_dropped: Mapping[str, int] = attrs.field(factory=dict)  # per reason
 
 
 def _escape(value: str) -> str:
@@ -74,6 +77,24 @@ def render(snapshot: MetricsSnapshot) -> str:
             "counter",
             "Connections a load balancer opened for itself (PROXY v2 LOCAL); not counted as clients.",
             _labelled("listener", snapshot.health_checks),
+        ),
+        (
+            "datagrams_received_total",
+            "counter",
+            "UDP datagrams received.",
+            _labelled("listener", snapshot.datagrams_in),
+        ),
+        (
+            "datagrams_sent_total",
+            "counter",
+            "UDP datagrams echoed.",
+            _labelled("listener", snapshot.datagrams_out),
+        ),
+        (
+            "datagrams_dropped_total",
+            "counter",
+            "UDP datagrams received and not echoed, by reason.",
+            _labelled("reason", snapshot.datagrams_dropped),
         ),
         ("bytes_received_total", "counter", "Bytes received from clients.", [("", snapshot.bytes_in)]),
         (

@@ -208,6 +208,9 @@ function onConnections(items) {
       cell.textContent = value;
       row.append(cell);
     }
+    if (item.proxy) {
+      row.children[1].title = "via " + item.proxy; // PROXY protocol: the load balancer it came through
+    }
     const action = document.createElement("td");
     const button = document.createElement("button");
     button.className = "close";
