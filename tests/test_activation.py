@@ -59,10 +59,15 @@ def test_names_route_echo_and_admin() -> None:
     [
         (
             lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
-            "echo",
-            "is not a listening stream socket",
+            "admin",
+            "the admin socket must be a stream socket",
         ),
-        (socket.socket, "echo", "is not a listening stream socket"),  # not listening
+        (
+            lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM),
+            "echo",
+            "is neither a listening stream socket nor UDP",
+        ),
+        (socket.socket, "echo", "is neither a listening stream socket nor UDP"),  # not listening
     ],
 )
 def test_bad_descriptors_are_config_errors(make, names: str, message: str) -> None:  # type: ignore[no-untyped-def]

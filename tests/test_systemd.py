@@ -134,6 +134,45 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path: Path) -> None:
     assert "listening on 127.0.0.1:1 " not in log  # the adopted sockets replace the listen list
 
 
+def test_udp_socket_activation(tmp_path: Path) -> None:
+    """``ListenDatagram=``: systemd passes a bound UDP socket; the first datagram starts the daemon
+    and is echoed once it runs."""
+    tool = shutil.which("systemd-socket-activate")
+    assert tool, "systemd-socket-activate is missing: scripts/test installs it (apt-get install systemd)"
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = subprocess.Popen(
+        [
+            tool, "--datagram", "-l", f"127.0.0.1:{port}", "--fdname=echo",
+            "-E", f"PYTHONPATH={REPO}",
+            sys.executable, "-m", "trio_echo", "serve", "--admin", "off",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(0.5)
+            deadline = time.monotonic() + 20
+            while True:  # the tool binds before launching us; UDP may drop until then, so resend
+                client.sendto(b"udp through systemd", ("127.0.0.1", port))
+                try:
+                    reply = client.recv(100)
+                    break
+                except (TimeoutError, ConnectionRefusedError):
+                    assert time.monotonic() < deadline, "no echo from the socket-activated daemon"
+            assert reply == b"udp through systemd"
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log
+    assert f"listening on udp://127.0.0.1:{port} (socket activation)" in log
+
+
 def test_a_passed_descriptor_that_is_not_a_listening_socket_is_a_config_error(tmp_path: Path) -> None:
     regular = tmp_path / "not-a-socket"
     regular.write_text("x")

@@ -165,6 +165,27 @@ async def test_denied_sources_and_loop_ports_get_nothing() -> None:
         assert server.stats.datagrams[server.listener_names[0]].bytes_out == 0
 
 
+async def test_a_burst_is_echoed_whole_while_tcp_is_served() -> None:
+    """200 datagrams at once: the loop checkpoints every few dozen, so a TCP client is served meanwhile."""
+    config = make_config(
+        server={"listen": ["udp://127.0.0.1:0", "127.0.0.1:0"]},
+        limits={"max_datagrams_per_second_per_ip": 0, "max_datagram_bytes_per_second_per_ip": 0},
+    )
+    async with running_server(config) as server:
+        udp, tcp = server.addresses
+        with client() as sock, trio.fail_after(10):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            stream = await trio.open_tcp_stream("127.0.0.1", port_of(tcp))
+            for index in range(200):
+                sock.sendto(index.to_bytes(4, "big") * 25, ("127.0.0.1", port_of(udp)))
+            async with stream:
+                await stream.send_all(b"still here")
+                assert await stream.receive_some(100) == b"still here"
+            await wait_processed(server, 200)
+            replies = receive_all_now(sock)
+        assert sorted(replies) == [index.to_bytes(4, "big") * 25 for index in range(200)]
+
+
 async def test_udp_and_tcp_side_by_side_and_described() -> None:
     config = make_config(server={"listen": ["udp://127.0.0.1:0", "127.0.0.1:0"]})
     async with running_server(config) as server:

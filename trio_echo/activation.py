@@ -2,7 +2,8 @@
 
 ``$LISTEN_PID`` must be this process and ``$LISTEN_FDS`` counts descriptors from 3; ``$LISTEN_FDNAMES``
 names them (``FileDescriptorName=`` in the .socket unit). A socket named ``admin`` serves the admin port;
-every other one serves echo. Each must be a listening stream socket. The variables are removed from the
+every other one serves echo: a listening stream socket (``ListenStream=``) TCP or Unix echo, a bound
+datagram socket (``ListenDatagram=``) UDP echo. The variables are removed from the
 environment afterwards, so children do not adopt them again.
 """
 
@@ -30,7 +31,8 @@ def adopt(env: MutableMapping[str, str] | None = None, *, first_fd: int = SD_LIS
     """The sockets systemd passed to this process (none when not socket-activated).
 
     Raises:
-        ConfigError: a passed descriptor is not a listening stream socket, or two are named admin.
+        ConfigError: a passed descriptor is neither a listening stream socket nor a UDP socket (the
+            admin one must be a stream), or two are named admin.
     """
     env = os.environ if env is None else env
     try:
@@ -48,6 +50,11 @@ def adopt(env: MutableMapping[str, str] | None = None, *, first_fd: int = SD_LIS
             fd = first_fd + index
             name = names[index] if index < len(names) else f"fd{fd}"
             sock = _listening_socket(fd, name, count)
+            if name == ADMIN_NAME and sock.type != socket.SOCK_STREAM:
+                sock.detach()
+                raise ConfigError(
+                    "LISTEN_FDNAMES", ":".join(names), "the admin socket must be a stream socket"
+                )
             if name == ADMIN_NAME:
                 if admin is not None:
                     sock.detach()
@@ -72,8 +79,12 @@ def _listening_socket(fd: int, name: str, count: int) -> socket.socket:
         raise ConfigError(
             "LISTEN_FDS", count, f"descriptor {fd} ({name}) is not a socket: {exc.strerror}"
         ) from None
-    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+    udp = sock.type == socket.SOCK_DGRAM and sock.family in (socket.AF_INET, socket.AF_INET6)
+    listening = sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if not (udp or listening):
         sock.detach()
-        raise ConfigError("LISTEN_FDS", count, f"descriptor {fd} ({name}) is not a listening stream socket")
+        raise ConfigError(
+            "LISTEN_FDS", count, f"descriptor {fd} ({name}) is neither a listening stream socket nor UDP"
+        )
     sock.setblocking(False)
     return sock

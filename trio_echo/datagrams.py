@@ -28,8 +28,11 @@ from .trace import Tracer
 
 MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or (non-jumbo) IPv6: never truncated
 LOOP_PORTS = frozenset({0, 7, 13, 17, 19, 37})
-# recvfrom failures about an earlier reply (an ICMP error queued on the socket), not about this socket.
-STALE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE})
+# recvfrom failures about an earlier reply (an ICMP error queued on the socket), not about this socket;
+# Windows reports a port-unreachable as ECONNRESET (WSAECONNRESET) on the next recvfrom.
+STALE_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE}
+)
 
 Verdict = Callable[[str, int], str | None]
 

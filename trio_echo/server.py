@@ -95,7 +95,7 @@ class EchoServer:
             TraceFile(config.trace.file, config.trace.file_max_bytes) if config.trace.file else None
         )
         if self._inherited.echo:
-            adopted = [(format_sockaddr(sock.getsockname()), sock) for sock in self._inherited.echo]
+            adopted = [(_adopted_label(sock), sock) for sock in self._inherited.echo]
             self._listener_names = [label for label, _ in adopted]
             children = [
                 ChildSpec(label, functools.partial(self._listen_adopted, label, sock), Restart.PERMANENT)
@@ -169,6 +169,8 @@ class EchoServer:
             value = self.supervisor.value(name)
             options = self._listen_options.get(name)
             transport = options.address.transport if options is not None else "tcp"
+            if options is None and name.startswith("udp://"):
+                transport = "udp"  # an adopted datagram socket
             for address in value if isinstance(value, list) else []:
                 kind = "unix" if address.startswith("unix:") and transport == "tcp" else transport
                 described.append({"address": address, "transport": kind})
@@ -366,16 +368,7 @@ class EchoServer:
             async with trio.open_nursery() as nursery:
                 for item in sockets:
                     if udp:
-                        echo = functools.partial(
-                            echo_datagrams,
-                            item.sock,
-                            verdict=self._datagram_verdict,
-                            counts=self.stats.datagrams[entry.label],
-                            dropped=self.stats.dropped,
-                            tracer=self.tracer,
-                            listener=entry.label,
-                        )
-                        nursery.start_soon(echo)
+                        nursery.start_soon(self._echo_datagrams, entry.label, item.sock)
                     else:
                         on_accept = functools.partial(self._accepted, entry.label, item)
                         nursery.start_soon(accept_loop, item, on_accept)
@@ -394,7 +387,10 @@ class EchoServer:
         self.tracer.emit(Flag.INFO, "listener.up", listener=label, addresses=[label])
         task_status.started([label])
         try:
-            await accept_loop(item, functools.partial(self._accepted, label, item))
+            if sock.type == stdlib_socket.SOCK_DGRAM:
+                await self._echo_datagrams(label, sock)
+            else:
+                await accept_loop(item, functools.partial(self._accepted, label, item))
         finally:
             self.tracer.emit(Flag.INFO, "listener.down", listener=label)
 
@@ -467,6 +463,16 @@ class EchoServer:
             self._handlers.start_soon(self._refuse, stream)
         else:
             self._handlers.start_soon(trio.aclose_forcefully, stream)
+
+    async def _echo_datagrams(self, label: str, sock: stdlib_socket.socket) -> None:
+        await echo_datagrams(
+            sock,
+            verdict=self._datagram_verdict,
+            counts=self.stats.datagrams[label],
+            dropped=self.stats.dropped,
+            tracer=self.tracer,
+            listener=label,
+        )
 
     def _datagram_verdict(self, ip: str, size: int) -> str | None:
         """UDP: whether to echo a datagram of ``size`` bytes from ``ip`` (None) or why not."""
@@ -630,6 +636,11 @@ def _configure_accepted(sock: stdlib_socket.socket, *, keepalive: bool) -> None:
                 sock.setsockopt(stdlib_socket.IPPROTO_TCP, option, value)
     except OSError:
         pass  # the peer may already be gone; the pump will find out
+
+
+def _adopted_label(sock: stdlib_socket.socket) -> str:
+    name = format_sockaddr(sock.getsockname())
+    return f"udp://{name}" if sock.type == stdlib_socket.SOCK_DGRAM else name
 
 
 def _budget(config: Config) -> SourceBudget:
