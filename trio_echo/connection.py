@@ -36,6 +36,7 @@ from .echo import EchoSession, Step
 from .events import Flag
 from .proxyproto import HeaderParser, ProxyHeader, ProxyHeaderError
 from .ratelimit import TokenBucket
+from .stats import ConnectionInfo
 from .trace import Tracer
 
 logger = logging.getLogger("trio_echo.connection")
@@ -71,7 +72,9 @@ class Connection:
             event loop. Between ``recv_into`` and ``send`` nothing awaits, so connections can share it;
             echo left unsent when the kernel says EAGAIN is copied out first (``EchoSession.detach``).
             Without it the pump allocates a private buffer when its first byte arrives.
-        on_close: called with the close reason once the stream is closed (the server's bookkeeping).
+        on_close: called as ``on_close(connection, reason)`` once the stream is closed (the server's
+            bookkeeping; one function for every connection, so none holds a closure).
+        info: the connection's table entry, for ``on_close`` (not used here).
     """
 
     __slots__ = (
@@ -89,6 +92,7 @@ class Connection:
         "_tracer",
         "close_reason",
         "conn_id",
+        "info",
         "scope",
         "session",
         "stream",
@@ -107,7 +111,8 @@ class Connection:
         tracer: Tracer | None = None,
         conn_id: int = 0,
         scratch: memoryview | None = None,
-        on_close: Callable[[str], None] | None = None,
+        on_close: Callable[[Connection, str], None] | None = None,
+        info: ConnectionInfo | None = None,
     ) -> None:
         self.stream = stream
         self.session = session
@@ -131,6 +136,7 @@ class Connection:
         self._buffer: memoryview | None = None  # socket pump: allocated when the first byte arrives
         self._scratch = scratch
         self._on_close = on_close
+        self.info = info
 
     def close(self, reason: str) -> None:
         """Ask the connection to stop echoing and close gracefully; the first reason given wins."""
@@ -149,11 +155,80 @@ class Connection:
             stream = self.stream
             if isinstance(stream, socket.socket):
                 # The socket pump, resumed in a fresh scope whenever a lazy deadline fired early.
-                # (Inline rather than a helper coroutine: one frame less per idle connection.)
+                # (All inline rather than in helper coroutines: each frame in the await chain costs
+                # every idle connection a few hundred bytes.)
+                session = self.session
+                tracer = self._tracer
+                now = trio.lowlevel.current_clock().current_time  # trio.current_time, minus two calls
+                fd = stream.fileno()
+                cap = self._read_cap
                 while True:
+                    ops = 0  # operations since the last checkpoint
+                    drained = False  # the last read emptied the kernel's buffer
                     with self.scope:
                         try:
-                            await self._pump_socket(stream)
+                            while (step := session.next_step()) is not Step.DONE:
+                                ops += 1
+                                if step is Step.RECEIVE:
+                                    bucket = self._bucket
+                                    if bucket is not None:
+                                        await self._throttle(bucket)
+                                    buffer = self._scratch or self._buffer
+                                    if drained or buffer is None:
+                                        # A read now would only say EAGAIN (the last one returned
+                                        # less than asked): wait first and save the syscall. An idle
+                                        # connection without the shared buffer gets its own only
+                                        # once a byte arrives.
+                                        drained = False
+                                        ops = 0
+                                        self._arm_idle()
+                                        await trio.lowlevel.wait_readable(fd)
+                                        if buffer is None:
+                                            buffer = self._buffer = memoryview(bytearray(cap))
+                                    elif ops >= FAIR_SHARE:  # (no echo is pending in the shared buffer)
+                                        ops = 0
+                                        await trio.lowlevel.checkpoint()
+                                    try:
+                                        count = stream.recv_into(buffer, cap)
+                                    except BlockingIOError:
+                                        drained = True
+                                        continue
+                                    drained = 0 < count < cap
+                                    self._activity = now()
+                                    data = buffer[:count]
+                                    session.received(data)
+                                    if bucket is not None:
+                                        bucket.debit(self._activity, count)
+                                    if tracer is not None and tracer.data:
+                                        tracer.emit(
+                                            Flag.DATA, "conn.data", conn_id=self.conn_id, received=count
+                                        )
+                                    if not count:
+                                        continue
+                                    # The next step is SEND of exactly these bytes: do it now, saving a
+                                    # round of next_step (EAGAIN: the SEND step retries and waits).
+                                    try:
+                                        sent = stream.send(data)
+                                    except BlockingIOError:
+                                        continue
+                                else:
+                                    if step is Step.SEND_EOF:
+                                        stream.shutdown(socket.SHUT_WR)
+                                        session.sent_eof()
+                                        continue
+                                    try:  # Step.SEND
+                                        sent = stream.send(session.outgoing)
+                                    except BlockingIOError:
+                                        # The client is not reading: from now on send_timeout limits
+                                        # the wait, and the unsent echo must leave the shared buffer
+                                        # before anyone else reads into it.
+                                        session.detach()
+                                        self._arm(self._send_timeout, "send_timeout")
+                                        await trio.lowlevel.wait_writable(fd)
+                                        continue
+                                session.sent(sent)
+                                if tracer is not None and tracer.data:
+                                    tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, sent=sent)
                         except OSError as exc:
                             if exc.errno not in PEER_GONE_ERRNOS:
                                 raise
@@ -194,7 +269,7 @@ class Connection:
                 await self._finish(reason)
             finally:
                 if self._on_close is not None:
-                    self._on_close(reason)
+                    self._on_close(self, reason)
         return reason
 
     async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> bool:
@@ -217,63 +292,6 @@ class Connection:
         if self._phase != "idle" or now >= self._activity + self._idle_timeout:
             return self._phase
         return None
-
-    async def _pump_socket(self, sock: socket.socket) -> None:
-        session = self.session
-        tracer = self._tracer
-        ops = 0
-        drained = False
-        while True:
-            step = session.next_step()
-            if step is Step.SEND:
-                try:
-                    sent = sock.send(session.outgoing)
-                except BlockingIOError:
-                    # The client is not reading: from now on, send_timeout limits the wait, and the
-                    # unsent echo must leave the shared buffer before anyone else reads into it.
-                    session.detach()
-                    self._arm(self._send_timeout, "send_timeout")
-                    await trio.lowlevel.wait_writable(sock)
-                    continue
-                session.sent(sent)
-                if tracer is not None and tracer.flags & Flag.DATA:
-                    tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, sent=sent)
-            elif step is Step.RECEIVE:
-                bucket = self._bucket
-                if bucket is not None:
-                    await self._throttle(bucket)
-                buffer = self._scratch or self._buffer
-                if drained or buffer is None:
-                    # The last read emptied the kernel's buffer (it returned less than asked), so a
-                    # read now would only say EAGAIN: wait first and save the syscall. (An idle
-                    # connection also waits here before it gets a private buffer, if it needs one.)
-                    drained = False
-                    ops = 0
-                    self._arm_idle()
-                    await trio.lowlevel.wait_readable(sock)
-                    if buffer is None:
-                        buffer = self._buffer = memoryview(bytearray(self._read_cap))
-                elif ops >= FAIR_SHARE:  # (only here, where no echo is pending in the shared buffer)
-                    ops = 0
-                    await trio.lowlevel.checkpoint()
-                try:
-                    count = sock.recv_into(buffer, self._read_cap)
-                except BlockingIOError:
-                    drained = True  # wait at the top of the next round
-                    continue
-                drained = 0 < count < self._read_cap
-                self._activity = trio.current_time()
-                session.received(buffer[:count])
-                if bucket is not None:
-                    bucket.debit(self._activity, count)
-                if tracer is not None and tracer.flags & Flag.DATA:
-                    tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, received=count)
-            elif step is Step.SEND_EOF:
-                sock.shutdown(socket.SHUT_WR)
-                session.sent_eof()
-            else:
-                return
-            ops += 1
 
     def _arm_idle(self) -> None:
         """Before waiting for input (a plain method, not a coroutine: one frame less per idle
@@ -298,7 +316,7 @@ class Connection:
                 data = session.outgoing
                 await stream.send_all(data)
                 session.sent(len(data))
-                if tracer is not None and tracer.flags & Flag.DATA:
+                if tracer is not None and tracer.data:
                     tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, sent=len(data))
             elif step is Step.RECEIVE:
                 bucket = self._bucket
@@ -309,7 +327,7 @@ class Connection:
                 session.received(chunk)
                 if bucket is not None:
                     bucket.debit(trio.current_time(), len(chunk))
-                if tracer is not None and tracer.flags & Flag.DATA:
+                if tracer is not None and tracer.data:
                     tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, received=len(chunk))
             elif step is Step.SEND_EOF:
                 self._arm(self._send_timeout, "send_timeout")

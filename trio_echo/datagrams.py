@@ -79,10 +79,9 @@ async def echo_datagrams(
             else:
                 counts.echoed += 1
                 counts.bytes_out += size
-        flags = tracer.flags
         if reason is not None:
             dropped[reason] += 1
-            if flags & Flag.CONN:
+            if tracer.conn:
                 tracer.emit(
                     Flag.CONN,
                     "udp.dropped",
@@ -91,7 +90,7 @@ async def echo_datagrams(
                     bytes_in=size,
                     reason=reason,
                 )
-        elif flags & Flag.DATA:
+        elif tracer.data:
             tracer.emit(Flag.DATA, "udp.echo", peer=format_sockaddr(peer), listener=listener, bytes_in=size)
         done += 1
         if done >= FAIR_SHARE:  # a flood must not starve the TCP connections or ignore cancellation

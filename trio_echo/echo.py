@@ -81,7 +81,7 @@ class EchoSession:
         that is a pump bug, and the memory bound depends on it.
         """
         size = len(data)
-        if size > self.receive_size:
+        if self._outgoing or self.eof_received or size > self.buffer_size:  # (receive_size, inline)
             raise RuntimeError(f"received {size} bytes while {self.receive_size} were allowed")
         if size == 0:
             self.eof_received = True

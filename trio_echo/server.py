@@ -136,6 +136,9 @@ class EchoServer:
         self._pending_headers = 0  # PROXY listeners: accepted, header not read yet
         # PROXY v2 LOCAL connections: served, but not counted as clients.
         self._health_checks: dict[EchoSession, Connection] = {}
+        # Made once, shared by every connection (a bound method made per connection costs memory).
+        self._on_closed = self._closed
+        self._on_health_check_closed = self._health_check_closed
         self._handlers: trio.Nursery | None = None
         self._stop = trio.Event()
         self._quiet = trio.Event()
@@ -285,9 +288,9 @@ class EchoServer:
     def close_connection(self, conn_id: int, reason: str = "admin") -> bool:
         """Close one connection gracefully; False if no such connection is open."""
         info = self.stats.connections.get(conn_id)
-        if info is None or info.closer is None:
+        if info is None or info.handle is None:
             return False
-        info.closer(reason)
+        info.handle.close(reason)
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[EchoServer] = trio.TASK_STATUS_IGNORED) -> None:
@@ -343,8 +346,8 @@ class EchoServer:
             with trio.move_on_after(self.config.limits.drain_timeout):
                 await self._quiet.wait()
         for info in list(self.stats.connections.values()):
-            if info.closer is not None:
-                info.closer("drain")
+            if info.handle is not None:
+                info.handle.close("drain")
         for conn in list(self._health_checks.values()):
             conn.close("drain")
         if self.stats.active or self._health_checks:
@@ -450,7 +453,7 @@ class EchoServer:
     ) -> None:
         assert self._handlers is not None
         self.stats.refuse(reason)
-        if self.tracer.flags & Flag.CONN:
+        if self.tracer.conn:
             fields = {"message": message} if message else {}
             self.tracer.emit(Flag.CONN, "conn.refused", peer=peer, listener=listener, reason=reason, **fields)
         if isinstance(stream, stdlib_socket.socket):
@@ -540,14 +543,14 @@ class EchoServer:
         if options is not None and options.address.transport == "tls" and self._tls_context is not None:
             stream = trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
         session = EchoSession(self.config.limits.buffer_size)
-        conn = self._connection(stream, session, 0, functools.partial(self._health_check_closed, session))
+        conn = self._connection(stream, session, 0, self._on_health_check_closed)
         self._health_checks[session] = conn
         if self.draining:
             conn.close("drain")
         self._handlers.start_soon(conn.run)
 
-    def _health_check_closed(self, session: EchoSession, _reason: str) -> None:
-        del self._health_checks[session]
+    def _health_check_closed(self, conn: Connection, _reason: str) -> None:
+        del self._health_checks[conn.session]
         self._check_quiet()
 
     # -- connections (handler nursery) ----------------------------------------------------------------
@@ -559,12 +562,13 @@ class EchoServer:
         connection keeps one frame less), with the bookkeeping before it here and after it in
         ``_closed``."""
         assert self._handlers is not None
-        conn = self._connection(stream, info.session, info.id, functools.partial(self._closed, info, ip))
-        info.closer = conn.close
+        info.ip = ip
+        conn = self._connection(stream, info.session, info.id, self._on_closed, info)
+        info.handle = conn
         info.transport = stream
         if self.draining:
             conn.close("drain")
-        if self.tracer.flags & Flag.CONN:
+        if self.tracer.conn:
             via = {"proxy": info.proxy} if info.proxy else {}
             self.tracer.emit(
                 Flag.CONN, "conn.open", conn_id=info.id, peer=info.peer, listener=info.listener, **via
@@ -576,7 +580,8 @@ class EchoServer:
         stream: trio.abc.Stream | stdlib_socket.socket,
         session: EchoSession,
         conn_id: int,
-        on_close: Callable[[str], None],
+        on_close: Callable[[Connection, str], None],
+        info: ConnectionInfo | None = None,
     ) -> Connection:
         limits = self.config.limits
         return Connection(
@@ -591,13 +596,16 @@ class EchoServer:
             conn_id=conn_id,
             scratch=self._scratch,
             on_close=on_close,
+            info=info,
         )
 
-    def _closed(self, info: ConnectionInfo, ip: str | None, reason: str) -> None:
+    def _closed(self, conn: Connection, reason: str) -> None:
+        info = conn.info
+        assert info is not None
         self.stats.close(info, reason)
-        self.admission.release(ip)
+        self.admission.release(info.ip)
         tracer = self.tracer
-        if tracer.flags & Flag.CONN:
+        if tracer.conn:
             tracer.emit(
                 Flag.CONN,
                 "conn.close",

@@ -8,16 +8,20 @@ into the totals once. Readers (admin channel, metrics, systemd STATUS) take :met
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 
 from .echo import EchoSession
 
 
+class Closable(Protocol):
+    def close(self, reason: str) -> None: ...
+
+
 @attrs.define(eq=False, slots=True)
 class ConnectionInfo:
-    """One live connection. ``closer(reason)`` asks its task to close it (admin kick, drain);
+    """One live connection. ``handle.close(reason)`` asks its task to close it (admin kick, drain);
     ``transport`` is the stream, for I/O code that reports on the socket (TCP_INFO)."""
 
     id: int
@@ -25,8 +29,10 @@ class ConnectionInfo:
     listener: str
     opened: float
     session: EchoSession
-    closer: Callable[[str], None] | None = None
+    handle: Closable | None = None
     transport: object = None
+    ip: str | None = None
+    """The client's IP address (None for a Unix peer): what admission counted it under."""
     proxy: str = ""
     """The load balancer the connection came through (PROXY protocol listeners), else empty."""
 

@@ -1,7 +1,7 @@
 """Trace event fan-out: the global flags decide what is emitted; sinks receive what is.
 
-With a flag off, the cost at the call site is one integer test (``if tracer.flags & Flag.CONN``) or one
-call that returns at its first line. Sinks: the human log (Python logging), the JSON-lines file
+With a flag off, the cost at the call site is one attribute test (``if tracer.conn``) or one call that
+returns at its first line. Sinks: the human log (Python logging), the JSON-lines file
 (``trace.file``) and live subscribers (admin channels). Subscribers and the file never block the emitter:
 each has a bounded queue from which the oldest event is dropped when full, and drops are counted.
 """
@@ -66,7 +66,9 @@ class Subscriber:
 class Tracer:
     """Emits :class:`Event` objects to every sink when ``flags`` has the event's flag.
 
-    ``flags`` is a plain attribute so it can change at run time (reload, admin ``set_trace_flags``).
+    ``flags`` can change at run time (reload, admin ``set_trace_flags``). ``conn`` and ``data`` mirror
+    two of its bits as plain booleans for the per-connection and per-chunk call sites: testing a
+    ``Flag`` bit builds a new enum value (several Python calls), a bool attribute costs nothing.
     A sink must not block or raise: a sink that raises is logged and removed, so a broken sink never
     takes the echo path down with it.
     """
@@ -77,6 +79,16 @@ class Tracer:
         self._logger = logger or logging.getLogger("trio_echo.trace")
         self._dropped_by_gone = 0
         self.add_sink(self._log)
+
+    @property
+    def flags(self) -> Flag:
+        return self._flags
+
+    @flags.setter
+    def flags(self, flags: Flag) -> None:
+        self._flags = flags
+        self.conn = bool(flags & Flag.CONN)
+        self.data = bool(flags & Flag.DATA)
 
     @property
     def dropped(self) -> int:
@@ -104,7 +116,7 @@ class Tracer:
         return subscriber
 
     def emit(self, flag: Flag, event: str, **fields: object) -> None:
-        if not self.flags & flag:
+        if not self._flags & flag:
             return
         record = Event(ts=time.time(), flag=flag, event=event, fields=fields)
         for sink in list(self._sinks):
