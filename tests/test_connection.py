@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_echo.connection import Connection, close_gracefully, refuse
+from trio_echo.connection import Connection, ConnectionPolicy, close_gracefully, refuse
 from trio_echo.echo import EchoSession
 from trio_echo.events import Event, Flag
 from trio_echo.trace import Tracer
@@ -32,7 +32,8 @@ def connection(
     **kw: float,
 ) -> Connection:
     scratch = SHARED_SCRATCH if any(stream is sock for sock in _shared) else None
-    return Connection(stream, EchoSession(size, greeting, farewell), scratch=scratch, **kw)  # type: ignore[arg-type]
+    policy = ConnectionPolicy(scratch=scratch, **kw)  # type: ignore[arg-type]
+    return Connection(stream, EchoSession(size, greeting, farewell), policy)
 
 
 # "shared": the socket pump reading into one buffer shared by every connection, as the server runs it
@@ -247,7 +248,7 @@ async def test_data_events_only_when_flag_on(kind: str) -> None:
     tracer = Tracer(Flag.ERROR)
     tracer.add_sink(events.append)
     client, server = make_pair(kind)
-    conn = Connection(server, EchoSession(16), tracer=tracer, conn_id=7)
+    conn = Connection(server, EchoSession(16), ConnectionPolicy(tracer=tracer), conn_id=7)
     await client.send_all(b"ab")
     assert isinstance(client, trio.abc.HalfCloseableStream)
     await client.send_eof()

@@ -30,6 +30,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from .echo import EchoSession, Step
@@ -42,6 +43,7 @@ from .trace import Tracer
 logger = logging.getLogger("trio_echo.connection")
 
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a client gets to complete the TLS handshake
+_NOTHING = memoryview(b"")
 LINGER_CHUNK = 16384  # read size while discarding input during a lingering close
 FAIR_SHARE = 32  # socket-pump operations between checkpoints when the kernel never says EAGAIN
 # recv/send/shutdown failures that mean the peer is gone: reset, unreachable after retransmissions or
@@ -59,6 +61,39 @@ PEER_GONE_ERRNOS = frozenset(
 )
 
 
+def _off_is_inf(value: float) -> float:
+    return value or math.inf
+
+
+@attrs.frozen(eq=False)
+class ConnectionPolicy:
+    """What every connection of one server shares: one object, not eight slots per connection.
+
+    Args:
+        idle_timeout, send_timeout, max_lifetime, linger_timeout: seconds, 0 = off.
+        max_bytes_per_second: the echo bandwidth cap, 0 = off.
+        tracer: per-chunk ``data`` events go here when that flag is on.
+        scratch: a read buffer of at least ``session.buffer_size`` bytes shared by the socket pumps of one
+            event loop. Between ``recv_into`` and ``send`` nothing awaits, so connections can share it;
+            echo left unsent when the kernel says EAGAIN is copied out first (``EchoSession.detach``).
+            Without it the pump allocates a private buffer when its first byte arrives.
+        on_close: called as ``on_close(connection, reason)`` once the stream is closed (the server's
+            bookkeeping; one function for every connection, so none holds a closure).
+    """
+
+    idle_timeout: float = attrs.field(default=0.0, converter=_off_is_inf)
+    send_timeout: float = attrs.field(default=0.0, converter=_off_is_inf)
+    max_lifetime: float = 0.0
+    linger_timeout: float = 0.0
+    max_bytes_per_second: int = 0
+    tracer: Tracer | None = None
+    scratch: memoryview | None = None
+    on_close: Callable[[Connection, str], None] | None = None
+
+
+DEFAULT_POLICY = ConnectionPolicy()
+
+
 class Connection:
     """One client connection.
 
@@ -66,33 +101,22 @@ class Connection:
         stream: the client: a ``trio.abc.Stream``, or a connected non-blocking stdlib socket (the
             fast path); ``run`` always closes it.
         session: the echo state for this connection.
-        idle_timeout, send_timeout, max_lifetime, linger_timeout: seconds, 0 = off.
-        tracer, conn_id: per-chunk ``data`` events go here when that flag is on.
-        scratch: a read buffer of at least ``session.buffer_size`` bytes shared by the socket pumps of one
-            event loop. Between ``recv_into`` and ``send`` nothing awaits, so connections can share it;
-            echo left unsent when the kernel says EAGAIN is copied out first (``EchoSession.detach``).
-            Without it the pump allocates a private buffer when its first byte arrives.
-        on_close: called as ``on_close(connection, reason)`` once the stream is closed (the server's
-            bookkeeping; one function for every connection, so none holds a closure).
-        info: the connection's table entry, for ``on_close`` (not used here).
+        policy: limits and hooks shared with the server's other connections.
+        conn_id: names the connection in trace events.
+        info: the connection's table entry, for ``policy.on_close`` (not used here).
     """
 
     __slots__ = (
         "_activity",
         "_bucket",
         "_buffer",
-        "_idle_timeout",
         "_lifetime_deadline",
-        "_linger_timeout",
-        "_on_close",
         "_phase",
         "_read_cap",
-        "_scratch",
-        "_send_timeout",
-        "_tracer",
         "close_reason",
         "conn_id",
         "info",
+        "policy",
         "scope",
         "session",
         "stream",
@@ -102,40 +126,27 @@ class Connection:
         self,
         stream: trio.abc.Stream | socket.socket,
         session: EchoSession,
+        policy: ConnectionPolicy = DEFAULT_POLICY,
         *,
-        idle_timeout: float = 0.0,
-        send_timeout: float = 0.0,
-        max_lifetime: float = 0.0,
-        linger_timeout: float = 0.0,
-        max_bytes_per_second: int = 0,
-        tracer: Tracer | None = None,
         conn_id: int = 0,
-        scratch: memoryview | None = None,
-        on_close: Callable[[Connection, str], None] | None = None,
         info: ConnectionInfo | None = None,
     ) -> None:
         self.stream = stream
         self.session = session
+        self.policy = policy
         self.scope = trio.CancelScope()
         self.close_reason: str | None = None
         self.conn_id = conn_id
-        self._idle_timeout = idle_timeout or math.inf
-        self._send_timeout = send_timeout or math.inf
-        self._lifetime_deadline = trio.current_time() + max_lifetime if max_lifetime else math.inf
-        self._linger_timeout = linger_timeout
-        self._tracer = tracer
+        now = trio.current_time()
+        self._lifetime_deadline = now + policy.max_lifetime if policy.max_lifetime else math.inf
         self._phase = "idle"
         # Bandwidth cap: a token bucket of one second's worth; reads are capped to that size so the
         # echo flows evenly instead of in buffer-sized bursts followed by long pauses.
-        now = trio.current_time()
-        self._bucket = (
-            TokenBucket(max_bytes_per_second, max_bytes_per_second, now) if max_bytes_per_second else None
-        )
-        self._read_cap = min(session.buffer_size, max_bytes_per_second or session.buffer_size)
+        rate = policy.max_bytes_per_second
+        self._bucket = TokenBucket(rate, rate, now) if rate else None
+        self._read_cap = min(session.buffer_size, rate or session.buffer_size)
         self._activity = now
         self._buffer: memoryview | None = None  # socket pump: allocated when the first byte arrives
-        self._scratch = scratch
-        self._on_close = on_close
         self.info = info
 
     def close(self, reason: str) -> None:
@@ -158,9 +169,8 @@ class Connection:
                 # (All inline rather than in helper coroutines: each frame in the await chain costs
                 # every idle connection a few hundred bytes.)
                 session = self.session
-                tracer = self._tracer
-                now = trio.lowlevel.current_clock().current_time  # trio.current_time, minus two calls
-                fd = stream.fileno()
+                tracer = self.policy.tracer
+                clock = trio.lowlevel.current_clock()  # clock.current_time(): trio.current_time minus 2 calls
                 cap = self._read_cap
                 while True:
                     ops = 0  # operations since the last checkpoint
@@ -173,7 +183,7 @@ class Connection:
                                     bucket = self._bucket
                                     if bucket is not None:
                                         await self._throttle(bucket)
-                                    buffer = self._scratch or self._buffer
+                                    buffer = self.policy.scratch or self._buffer
                                     if drained or buffer is None:
                                         # A read now would only say EAGAIN (the last one returned
                                         # less than asked): wait first and save the syscall. An idle
@@ -181,8 +191,9 @@ class Connection:
                                         # once a byte arrives.
                                         drained = False
                                         ops = 0
+                                        data = _NOTHING  # (not the last chunk's view: ~180 bytes held)
                                         self._arm_idle()
-                                        await trio.lowlevel.wait_readable(fd)
+                                        await trio.lowlevel.wait_readable(stream)
                                         if buffer is None:
                                             buffer = self._buffer = memoryview(bytearray(cap))
                                     elif ops >= FAIR_SHARE:  # (no echo is pending in the shared buffer)
@@ -194,7 +205,7 @@ class Connection:
                                         drained = True
                                         continue
                                     drained = 0 < count < cap
-                                    self._activity = now()
+                                    self._activity = clock.current_time()
                                     data = buffer[:count]
                                     session.received(data)
                                     if bucket is not None:
@@ -223,8 +234,8 @@ class Connection:
                                         # the wait, and the unsent echo must leave the shared buffer
                                         # before anyone else reads into it.
                                         session.detach()
-                                        self._arm(self._send_timeout, "send_timeout")
-                                        await trio.lowlevel.wait_writable(fd)
+                                        self._arm(self.policy.send_timeout, "send_timeout")
+                                        await trio.lowlevel.wait_writable(stream)
                                         continue
                                 session.sent(sent)
                                 if tracer is not None and tracer.data:
@@ -242,7 +253,7 @@ class Connection:
                         reason = expired
                         break
                     self.scope = trio.CancelScope(
-                        deadline=min(self._activity + self._idle_timeout, self._lifetime_deadline)
+                        deadline=min(self._activity + self.policy.idle_timeout, self._lifetime_deadline)
                     )
             else:
                 with self.scope:
@@ -260,16 +271,16 @@ class Connection:
         except Exception:
             # A bug hit by one client must not take down the others: log it, close this one only.
             logger.exception("connection %d failed", self.conn_id)
-            if self._tracer is not None:
-                self._tracer.emit(
+            if self.policy.tracer is not None:
+                self.policy.tracer.emit(
                     Flag.ERROR, "error", conn_id=self.conn_id, message="connection handler failed"
                 )
         finally:
             try:
                 await self._finish(reason)
             finally:
-                if self._on_close is not None:
-                    self._on_close(self, reason)
+                if self.policy.on_close is not None:
+                    self.policy.on_close(self, reason)
         return reason
 
     async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> bool:
@@ -289,7 +300,7 @@ class Connection:
         now = trio.current_time()
         if now >= self._lifetime_deadline:
             return "lifetime"
-        if self._phase != "idle" or now >= self._activity + self._idle_timeout:
+        if self._phase != "idle" or now >= self._activity + self.policy.idle_timeout:
             return self._phase
         return None
 
@@ -299,20 +310,20 @@ class Connection:
         if self._phase != "idle":
             # Back from sending or throttling: the idle deadline must be exact again.
             self._activity = trio.current_time()
-            self._arm(self._idle_timeout, "idle")
-        elif self.scope.deadline > self._activity + self._idle_timeout:
-            self.scope.deadline = min(self._activity + self._idle_timeout, self._lifetime_deadline)
+            self._arm(self.policy.idle_timeout, "idle")
+        elif self.scope.deadline > self._activity + self.policy.idle_timeout:
+            self.scope.deadline = min(self._activity + self.policy.idle_timeout, self._lifetime_deadline)
         # else: the deadline set earlier fires early at worst; run() re-checks then.
 
     async def _pump(self) -> None:
         session = self.session
         stream = self.stream
         assert not isinstance(stream, socket.socket)
-        tracer = self._tracer
+        tracer = self.policy.tracer
         while True:
             step = session.next_step()
             if step is Step.SEND:
-                self._arm(self._send_timeout, "send_timeout")
+                self._arm(self.policy.send_timeout, "send_timeout")
                 data = session.outgoing
                 await stream.send_all(data)
                 session.sent(len(data))
@@ -322,7 +333,7 @@ class Connection:
                 bucket = self._bucket
                 if bucket is not None:
                     await self._throttle(bucket)
-                self._arm(self._idle_timeout, "idle")
+                self._arm(self.policy.idle_timeout, "idle")
                 chunk = await stream.receive_some(self._read_cap)
                 session.received(chunk)
                 if bucket is not None:
@@ -330,7 +341,7 @@ class Connection:
                 if tracer is not None and tracer.data:
                     tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, received=len(chunk))
             elif step is Step.SEND_EOF:
-                self._arm(self._send_timeout, "send_timeout")
+                self._arm(self.policy.send_timeout, "send_timeout")
                 if isinstance(stream, trio.abc.HalfCloseableStream):
                     await stream.send_eof()
                 session.sent_eof()
@@ -357,7 +368,7 @@ class Connection:
             await trio.aclose_forcefully(self.stream)  # type: ignore[arg-type]  # (never a raw socket)
             return
         session = self.session
-        linger = self._linger_timeout if reason != "reset" and not session.eof_received else 0.0
+        linger = self.policy.linger_timeout if reason != "reset" and not session.eof_received else 0.0
         if linger and not session.eof_sent:
             session.sent_eof()  # close_gracefully shuts our write side first
         self._buffer = None

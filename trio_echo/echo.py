@@ -50,7 +50,7 @@ class EchoSession:
         self.eof_received = False
         self.eof_sent = False
         # What is to be sent now (never more than one chunk) and, after EOF, the farewell.
-        self._outgoing = memoryview(greeting)
+        self._outgoing = memoryview(greeting) if greeting else _EMPTY  # (a memoryview is ~180 bytes)
         self._queue = farewell
 
     @property

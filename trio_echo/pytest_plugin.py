@@ -29,7 +29,7 @@ import trio
 import trio.testing
 
 from .config import Config, config_from_mapping
-from .connection import Connection
+from .connection import Connection, ConnectionPolicy
 from .echo import EchoSession
 from .server import EchoServer
 from .stats import Stats
@@ -104,15 +104,14 @@ async def echo_stream(
     session = EchoSession(
         limits.buffer_size, config.server.greeting.encode(), config.server.farewell.encode()
     )
-    connection = Connection(
-        server_end,
-        session,
+    policy = ConnectionPolicy(
         idle_timeout=limits.idle_timeout,
         send_timeout=limits.send_timeout,
         max_lifetime=limits.max_lifetime,
         linger_timeout=limits.linger_timeout,
         max_bytes_per_second=limits.max_bytes_per_second,
     )
+    connection = Connection(server_end, session, policy)
     nursery.start_soon(connection.run)
     yield client
     await client.aclose()

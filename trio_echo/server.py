@@ -20,8 +20,8 @@ import logging
 import socket as stdlib_socket
 import ssl
 import sys
-from collections.abc import Callable
 
+import attrs
 import trio
 
 from ._version import __version__
@@ -31,7 +31,7 @@ from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
 from .admission import Admission, Network, in_any, networks, source_of
 from .config import Config, ListenerConfig
-from .connection import Connection, as_stream, read_proxy_header, refuse
+from .connection import Connection, ConnectionPolicy, as_stream, read_proxy_header, refuse
 from .datagrams import echo_datagrams
 from .echo import EchoSession
 from .errors import SupervisorGaveUp
@@ -50,6 +50,8 @@ logger = logging.getLogger("trio_echo.server")
 # TCP keepalive on accepted sockets (PRODUCT.md): first probe after 60 s idle, then every 10 s, 5 probes.
 ADMIN_CHILD = "admin"
 KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 5))
+# Every connection task's name: one shared string (trio would otherwise format a new one per task).
+CONNECTION_TASK = "trio_echo.connection"
 PROXY_HEADER_TIMEOUT = 3.0  # seconds a proxy gets to deliver the whole PROXY header
 
 
@@ -136,9 +138,8 @@ class EchoServer:
         self._pending_headers = 0  # PROXY listeners: accepted, header not read yet
         # PROXY v2 LOCAL connections: served, but not counted as clients.
         self._health_checks: dict[EchoSession, Connection] = {}
-        # Made once, shared by every connection (a bound method made per connection costs memory).
-        self._on_closed = self._closed
-        self._on_health_check_closed = self._health_check_closed
+        # Limits and hooks shared by every connection (rebuilt on reload; open ones keep theirs).
+        self._client_policy, self._health_check_policy = self._policies()
         self._handlers: trio.Nursery | None = None
         self._stop = trio.Event()
         self._quiet = trio.Event()
@@ -266,6 +267,7 @@ class EchoServer:
         if len(self._scratch) < config.limits.buffer_size:
             # Grow only: open connections may still read up to their own (older) buffer size.
             self._scratch = memoryview(bytearray(config.limits.buffer_size))
+        self._client_policy, self._health_check_policy = self._policies()
         if self.admin is not None and "admin.listen" not in needs_restart:
             self.admin.reconfigure(config.admin)
         if not self._inherited.echo:
@@ -403,7 +405,8 @@ class EchoServer:
         ip: str | None = None
         if sock.family != stdlib_socket.AF_UNIX:
             _configure_accepted(sock, keepalive=self.config.limits.keepalive)
-            ip = str(peer[0]) if isinstance(peer, tuple) else None
+            # Interned: every connection from one address shares one string (held until it closes).
+            ip = sys.intern(str(peer[0])) if isinstance(peer, tuple) else None
         peer_name = format_sockaddr(peer) if peer else listener.name
         options = self._listen_options.get(label)  # None: a socket systemd passed (plain TCP)
         if options is not None and options.proxy_protocol != "off":
@@ -435,9 +438,14 @@ class EchoServer:
         exact (a task started now runs later)."""
         reason = self.admission.admit(ip, self.stats.active, trio.current_time())
         if reason is None:
-            limits = self.config.limits
-            session = EchoSession(limits.buffer_size, self._greeting, self._farewell)
-            info = self.stats.open(peer=peer, listener=listener, now=trio.current_time(), session=session)
+            info = self.stats.open(
+                peer=peer,
+                listener=listener,
+                now=trio.current_time(),
+                buffer_size=self.config.limits.buffer_size,
+                greeting=self._greeting,
+                farewell=self._farewell,
+            )
             info.proxy = proxy
             self._serve(stream, info, ip)
             return
@@ -543,11 +551,11 @@ class EchoServer:
         if options is not None and options.address.transport == "tls" and self._tls_context is not None:
             stream = trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
         session = EchoSession(self.config.limits.buffer_size)
-        conn = self._connection(stream, session, 0, self._on_health_check_closed)
+        conn = Connection(stream, session, self._health_check_policy)
         self._health_checks[session] = conn
         if self.draining:
             conn.close("drain")
-        self._handlers.start_soon(conn.run)
+        self._handlers.start_soon(conn.run, name=CONNECTION_TASK)
 
     def _health_check_closed(self, conn: Connection, _reason: str) -> None:
         del self._health_checks[conn.session]
@@ -563,7 +571,7 @@ class EchoServer:
         ``_closed``."""
         assert self._handlers is not None
         info.ip = ip
-        conn = self._connection(stream, info.session, info.id, self._on_closed, info)
+        conn = Connection(stream, info, self._client_policy, conn_id=info.id, info=info)
         info.handle = conn
         info.transport = stream
         if self.draining:
@@ -573,31 +581,22 @@ class EchoServer:
             self.tracer.emit(
                 Flag.CONN, "conn.open", conn_id=info.id, peer=info.peer, listener=info.listener, **via
             )
-        self._handlers.start_soon(conn.run)
+        self._handlers.start_soon(conn.run, name=CONNECTION_TASK)
 
-    def _connection(
-        self,
-        stream: trio.abc.Stream | stdlib_socket.socket,
-        session: EchoSession,
-        conn_id: int,
-        on_close: Callable[[Connection, str], None],
-        info: ConnectionInfo | None = None,
-    ) -> Connection:
+    def _policies(self) -> tuple[ConnectionPolicy, ConnectionPolicy]:
+        """The connection policies for clients and for health checks (built per configuration)."""
         limits = self.config.limits
-        return Connection(
-            stream,
-            session,
+        client = ConnectionPolicy(
             idle_timeout=limits.idle_timeout,
             send_timeout=limits.send_timeout,
             max_lifetime=limits.max_lifetime,
             linger_timeout=limits.linger_timeout,
             max_bytes_per_second=limits.max_bytes_per_second,
             tracer=self.tracer,
-            conn_id=conn_id,
             scratch=self._scratch,
-            on_close=on_close,
-            info=info,
+            on_close=self._closed,
         )
+        return client, attrs.evolve(client, on_close=self._health_check_closed)
 
     def _closed(self, conn: Connection, reason: str) -> None:
         info = conn.info

@@ -1,7 +1,7 @@
 """Counters and the live connection table (pure).
 
-The pump never touches this module per chunk: a connection's byte counts live in its
-:class:`~trio_echo.echo.EchoSession` and are read here on demand, and closed connections fold theirs
+The pump never touches this module per chunk: a connection's byte counts live in its echo session
+(which its table entry extends) and are read here on demand, and closed connections fold theirs
 into the totals once. Readers (admin channel, metrics, systemd STATUS) take :meth:`Stats.snapshot`.
 """
 
@@ -19,30 +19,36 @@ class Closable(Protocol):
     def close(self, reason: str) -> None: ...
 
 
-@attrs.define(eq=False, slots=True)
-class ConnectionInfo:
-    """One live connection. ``handle.close(reason)`` asks its task to close it (admin kick, drain);
-    ``transport`` is the stream, for I/O code that reports on the socket (TCP_INFO)."""
+class ConnectionInfo(EchoSession):
+    """One live connection: its echo session (whose byte counts the table shows) plus who it is.
 
-    id: int
-    peer: str
-    listener: str
-    opened: float
-    session: EchoSession
-    handle: Closable | None = None
-    transport: object = None
-    ip: str | None = None
-    """The client's IP address (None for a Unix peer): what admission counted it under."""
-    proxy: str = ""
-    """The load balancer the connection came through (PROXY protocol listeners), else empty."""
+    One object rather than a table entry pointing at a session: every idle connection saves an object.
+    ``handle.close(reason)`` asks its task to close it (admin kick, drain); ``transport`` is the stream,
+    for I/O code that reports on the socket (TCP_INFO).
+    """
 
-    @property
-    def bytes_in(self) -> int:
-        return self.session.bytes_in
+    __slots__ = ("handle", "id", "ip", "listener", "opened", "peer", "proxy", "transport")
 
-    @property
-    def bytes_out(self) -> int:
-        return self.session.bytes_out
+    def __init__(
+        self,
+        id: int,
+        peer: str,
+        listener: str,
+        opened: float,
+        *,
+        buffer_size: int,
+        greeting: bytes = b"",
+        farewell: bytes = b"",
+    ) -> None:
+        super().__init__(buffer_size, greeting, farewell)
+        self.id = id
+        self.peer = peer
+        self.listener = listener
+        self.opened = opened
+        self.handle: Closable | None = None
+        self.transport: object = None
+        self.ip: str | None = None  # the client's IP (None for a Unix peer): what admission counted
+        self.proxy = ""  # the load balancer it came through (PROXY protocol listeners), else empty
 
 
 @attrs.define
@@ -82,9 +88,21 @@ class Stats:
     """UDP datagrams received but not echoed, by reason."""
     _next_id: int = 1
 
-    def open(self, *, peer: str, listener: str, now: float, session: EchoSession) -> ConnectionInfo:
-        """Register a new connection and return its table entry (ids start at 1, never reused)."""
-        info = ConnectionInfo(self._next_id, peer, listener, now, session)
+    def open(
+        self,
+        *,
+        peer: str,
+        listener: str,
+        now: float,
+        buffer_size: int,
+        greeting: bytes = b"",
+        farewell: bytes = b"",
+    ) -> ConnectionInfo:
+        """Register a new connection and return its table entry, which is also its echo session (ids
+        start at 1, never reused)."""
+        info = ConnectionInfo(
+            self._next_id, peer, listener, now, buffer_size=buffer_size, greeting=greeting, farewell=farewell
+        )
         self._next_id += 1
         self.connections[info.id] = info
         self.total += 1
