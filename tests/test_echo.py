@@ -80,6 +80,10 @@ def test_greeting_goes_before_any_read() -> None:
         (lambda s: s.received(b"ab"), lambda s: s.received(b"c"), "1 bytes while 0"),
         (lambda s: s.received(b"ab"), lambda s: s.sent(3), "sent 3 bytes of 2"),
         (lambda s: None, lambda s: s.sent(-1), "sent -1"),
+        (lambda s: None, lambda s: s.echoed(5), "echoed 5 bytes while 4"),
+        (lambda s: None, lambda s: s.echoed(0), "echoed 0 bytes"),
+        (lambda s: s.received(b"ab"), lambda s: s.echoed(1), "echoed 1 bytes while 0"),
+        (lambda s: s.received(b""), lambda s: s.echoed(1), "echoed 1 bytes while 0"),
     ],
 )
 def test_pump_bugs_are_caught(setup, action, message) -> None:  # type: ignore[no-untyped-def]
@@ -106,3 +110,12 @@ def test_memoryview_chunk_is_held_without_copy() -> None:
     session = EchoSession(4)
     session.received(memoryview(buffer)[:3])
     assert bytes(session.outgoing) == b"abc"
+
+
+def test_echoed_is_received_then_sent_whole() -> None:
+    one, two = EchoSession(8, farewell=b"bye"), EchoSession(8, farewell=b"bye")
+    one.received(b"abc")
+    one.sent(3)
+    two.echoed(3)
+    assert (one.bytes_in, one.bytes_out, one.unsent) == (two.bytes_in, two.bytes_out, two.unsent) == (3, 3, 0)
+    assert one.next_step() is two.next_step() is Step.RECEIVE

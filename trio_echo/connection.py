@@ -172,6 +172,8 @@ class Connection:
                 tracer = self.policy.tracer
                 clock = trio.lowlevel.current_clock()  # clock.current_time(): trio.current_time minus 2 calls
                 cap = self._read_cap
+                # The idle deadline from the start; later it is moved only when it fires early.
+                self.scope.deadline = min(self._activity + self.policy.idle_timeout, self._lifetime_deadline)
                 while True:
                     ops = 0  # operations since the last checkpoint
                     drained = False  # the last read emptied the kernel's buffer
@@ -180,54 +182,66 @@ class Connection:
                             while (step := session.next_step()) is not Step.DONE:
                                 ops += 1
                                 if step is Step.RECEIVE:
-                                    bucket = self._bucket
-                                    if bucket is not None:
-                                        await self._throttle(bucket)
-                                    buffer = self.policy.scratch or self._buffer
-                                    if drained or buffer is None:
-                                        # A read now would only say EAGAIN (the last one returned
-                                        # less than asked): wait first and save the syscall. An idle
-                                        # connection without the shared buffer gets its own only
-                                        # once a byte arrives.
-                                        drained = False
-                                        ops = 0
-                                        data = _NOTHING  # (not the last chunk's view: ~180 bytes held)
-                                        self._arm_idle()
-                                        await trio.lowlevel.wait_readable(stream)
-                                        if buffer is None:
-                                            buffer = self._buffer = memoryview(bytearray(cap))
-                                    elif ops >= FAIR_SHARE:  # (no echo is pending in the shared buffer)
-                                        ops = 0
-                                        await trio.lowlevel.checkpoint()
+                                    # Read and echo until an echo does not go out whole (or EOF):
+                                    # the steady state, with no next_step round between chunks.
+                                    while True:
+                                        bucket = self._bucket
+                                        if bucket is not None:
+                                            await self._throttle(bucket)
+                                        buffer = self.policy.scratch or self._buffer
+                                        if drained or buffer is None:
+                                            # A read now would only say EAGAIN (the last one returned
+                                            # less than asked): wait first and save the syscall. An
+                                            # idle connection without the shared buffer gets its own
+                                            # only once a byte arrives.
+                                            drained = False
+                                            ops = 0
+                                            data = _NOTHING  # (not the last chunk's view: ~180 bytes)
+                                            if self._phase != "idle":
+                                                self._rearm_idle()
+                                            await trio.lowlevel.wait_readable(stream)
+                                            if buffer is None:
+                                                buffer = self._buffer = memoryview(bytearray(cap))
+                                        elif ops >= FAIR_SHARE:  # (no echo is pending in the buffer)
+                                            ops = 0
+                                            await trio.lowlevel.checkpoint()
+                                        ops += 1
+                                        try:
+                                            count = stream.recv_into(buffer, cap)
+                                        except BlockingIOError:
+                                            drained = True
+                                            continue
+                                        drained = 0 < count < cap
+                                        self._activity = clock.current_time()
+                                        if bucket is not None:
+                                            bucket.debit(self._activity, count)
+                                        if tracer is not None and tracer.data:
+                                            tracer.emit(
+                                                Flag.DATA, "conn.data", conn_id=self.conn_id, received=count
+                                            )
+                                        if not count:
+                                            session.received(_NOTHING)  # the client's EOF
+                                            break
+                                        data = buffer[:count]
+                                        try:
+                                            sent = stream.send(data)
+                                        except BlockingIOError:
+                                            sent = 0
+                                        if sent < count:
+                                            # The rest goes through the SEND step, which waits (and
+                                            # first copies it out of the shared buffer) on EAGAIN.
+                                            session.received(data)
+                                            session.sent(sent)
+                                        else:
+                                            session.echoed(count)
+                                        if sent and tracer is not None and tracer.data:
+                                            tracer.emit(
+                                                Flag.DATA, "conn.data", conn_id=self.conn_id, sent=sent
+                                            )
+                                        if sent < count:
+                                            break
+                                elif step is Step.SEND:
                                     try:
-                                        count = stream.recv_into(buffer, cap)
-                                    except BlockingIOError:
-                                        drained = True
-                                        continue
-                                    drained = 0 < count < cap
-                                    self._activity = clock.current_time()
-                                    data = buffer[:count]
-                                    session.received(data)
-                                    if bucket is not None:
-                                        bucket.debit(self._activity, count)
-                                    if tracer is not None and tracer.data:
-                                        tracer.emit(
-                                            Flag.DATA, "conn.data", conn_id=self.conn_id, received=count
-                                        )
-                                    if not count:
-                                        continue
-                                    # The next step is SEND of exactly these bytes: do it now, saving a
-                                    # round of next_step (EAGAIN: the SEND step retries and waits).
-                                    try:
-                                        sent = stream.send(data)
-                                    except BlockingIOError:
-                                        continue
-                                else:
-                                    if step is Step.SEND_EOF:
-                                        stream.shutdown(socket.SHUT_WR)
-                                        session.sent_eof()
-                                        continue
-                                    try:  # Step.SEND
                                         sent = stream.send(session.outgoing)
                                     except BlockingIOError:
                                         # The client is not reading: from now on send_timeout limits
@@ -237,9 +251,12 @@ class Connection:
                                         self._arm(self.policy.send_timeout, "send_timeout")
                                         await trio.lowlevel.wait_writable(stream)
                                         continue
-                                session.sent(sent)
-                                if tracer is not None and tracer.data:
-                                    tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, sent=sent)
+                                    session.sent(sent)
+                                    if tracer is not None and tracer.data:
+                                        tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, sent=sent)
+                                else:  # Step.SEND_EOF
+                                    stream.shutdown(socket.SHUT_WR)
+                                    session.sent_eof()
                         except OSError as exc:
                             if exc.errno not in PEER_GONE_ERRNOS:
                                 raise
@@ -304,16 +321,11 @@ class Connection:
             return self._phase
         return None
 
-    def _arm_idle(self) -> None:
-        """Before waiting for input (a plain method, not a coroutine: one frame less per idle
-        connection while it waits)."""
-        if self._phase != "idle":
-            # Back from sending or throttling: the idle deadline must be exact again.
-            self._activity = trio.current_time()
-            self._arm(self.policy.idle_timeout, "idle")
-        elif self.scope.deadline > self._activity + self.policy.idle_timeout:
-            self.scope.deadline = min(self._activity + self.policy.idle_timeout, self._lifetime_deadline)
-        # else: the deadline set earlier fires early at worst; run() re-checks then.
+    def _rearm_idle(self) -> None:
+        """Back from sending or throttling, before waiting for input: the idle deadline must be
+        exact again (a plain method, not a coroutine: no frame while the connection waits)."""
+        self._activity = trio.current_time()
+        self._arm(self.policy.idle_timeout, "idle")
 
     async def _pump(self) -> None:
         session = self.session

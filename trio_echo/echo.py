@@ -97,6 +97,14 @@ class EchoSession:
         # The common case (all of it went) reuses one empty view instead of slicing a new one.
         self._outgoing = _EMPTY if count == len(self._outgoing) else self._outgoing[count:]
 
+    def echoed(self, count: int) -> None:
+        """Record that ``count`` bytes were received and sent back whole at once: the same as
+        ``received`` of those bytes followed by ``sent(count)``, for the socket pump's steady state."""
+        if self._outgoing or self.eof_received or not 0 < count <= self.buffer_size:
+            raise RuntimeError(f"echoed {count} bytes while {self.receive_size} could be received")
+        self.bytes_in += count
+        self.bytes_out += count
+
     def sent_eof(self) -> None:
         """Record that our side is half-closed."""
         self.eof_sent = True
