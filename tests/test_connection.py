@@ -3,6 +3,7 @@ pump over in-memory streams, and the socket fast path over a real kernel socket 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 
@@ -345,3 +346,34 @@ async def test_socket_pump_shares_the_loop_and_stops_promptly() -> None:
             assert result == ["admin"]
             flooding = False
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("pump", ["socket", "shared"])
+async def test_a_quiet_connection_waits_instead_of_polling(pump: str) -> None:
+    """After a short read the socket pump yields once and reads again before it waits (the early
+    read). A client that has gone quiet must then leave the pump blocked on readiness, not polling:
+    every task blocks, and the pump's task takes no further steps."""
+    client, server = make_pair(pump)
+    conn = connection(server, size=1024, linger_timeout=0)
+    steps: collections.Counter[str] = collections.Counter()
+
+    class StepCounter(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            steps[task.name] += 1
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run, name="pump")
+            for message in (b"one", b"two"):
+                await client.send_all(message)
+                assert await client.receive_some(10) == message
+            trio.lowlevel.add_instrument(counter := StepCounter())
+            try:
+                await trio.testing.wait_all_tasks_blocked()  # never returns if the pump polls
+                settled = steps["pump"]
+                assert settled <= 2  # at most the early read's yield and the wait
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert steps["pump"] == settled  # and it stays blocked
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            conn.close("admin")

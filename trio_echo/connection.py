@@ -8,7 +8,10 @@ one edge. There are two pumps with one behaviour (the same test suite runs again
 * the **socket pump** is the hot path for accepted TCP and Unix sockets: it calls ``recv_into`` on one
   reused buffer and ``send`` directly on the non-blocking socket and awaits readiness only when the
   kernel says EAGAIN, with a checkpoint every ``FAIR_SHARE`` operations so a busy connection can neither
-  starve the others nor ignore cancellation.
+  starve the others nor ignore cancellation. When a read comes up short (the kernel's buffer is
+  empty) it yields once and reads again before it waits: on a busy server the answer has usually
+  arrived while the other connections ran, which saves trio's readiness wait (a quarter of the CPU per
+  round trip with 50 connections in ping-pong); on an idle one it costs one failed read per message.
 
 Timeouts: the connection runs in a cancel scope whose deadline is what limits the current await:
 ``idle_timeout`` while waiting for input (nothing is unsent then, so nothing moves either way),
@@ -172,6 +175,7 @@ class Connection:
                 tracer = self.policy.tracer
                 clock = trio.lowlevel.current_clock()  # clock.current_time(): trio.current_time minus 2 calls
                 cap = self._read_cap
+                early_read = True  # after the next short read, yield and read again before waiting
                 # The idle deadline from the start; later it is moved only when it fires early.
                 self.scope.deadline = min(self._activity + self.policy.idle_timeout, self._lifetime_deadline)
                 while True:
@@ -191,17 +195,23 @@ class Connection:
                                         buffer = self.policy.scratch or self._buffer
                                         if drained or buffer is None:
                                             # A read now would only say EAGAIN (the last one returned
-                                            # less than asked): wait first and save the syscall. An
-                                            # idle connection without the shared buffer gets its own
-                                            # only once a byte arrives.
+                                            # less than asked). Let the other tasks run first: on a
+                                            # busy server this client has often answered by then, and
+                                            # a read that succeeds saves trio's readiness wait (two
+                                            # epoll_ctl calls, a wakeup). Only if that read says EAGAIN
+                                            # too, wait for readiness. An idle connection without the
+                                            # shared buffer gets its own only once a byte arrives.
                                             drained = False
                                             ops = 0
                                             data = _NOTHING  # (not the last chunk's view: ~180 bytes)
                                             if self._phase != "idle":
                                                 self._rearm_idle()
-                                            await trio.lowlevel.wait_readable(stream)
-                                            if buffer is None:
-                                                buffer = self._buffer = memoryview(bytearray(cap))
+                                            if early_read and buffer is not None:
+                                                await trio.lowlevel.checkpoint()
+                                            else:
+                                                await trio.lowlevel.wait_readable(stream)
+                                                if buffer is None:
+                                                    buffer = self._buffer = memoryview(bytearray(cap))
                                         elif ops >= FAIR_SHARE:  # (no echo is pending in the buffer)
                                             ops = 0
                                             await trio.lowlevel.checkpoint()
@@ -209,8 +219,10 @@ class Connection:
                                         try:
                                             count = stream.recv_into(buffer, cap)
                                         except BlockingIOError:
+                                            early_read = False  # nothing yet: wait for readiness
                                             drained = True
                                             continue
+                                        early_read = True
                                         drained = 0 < count < cap
                                         self._activity = clock.current_time()
                                         if bucket is not None:
