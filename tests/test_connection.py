@@ -14,6 +14,7 @@ import trio.testing
 from trio_echo.connection import Connection, ConnectionPolicy, close_gracefully, refuse
 from trio_echo.echo import EchoSession
 from trio_echo.events import Event, Flag
+from trio_echo.stats import ConnectionInfo
 from trio_echo.trace import Tracer
 
 
@@ -249,7 +250,8 @@ async def test_data_events_only_when_flag_on(kind: str) -> None:
     tracer = Tracer(Flag.ERROR)
     tracer.add_sink(events.append)
     client, server = make_pair(kind)
-    conn = Connection(server, EchoSession(16), ConnectionPolicy(tracer=tracer), conn_id=7)
+    entry = ConnectionInfo(7, "peer", "listener", 0.0, buffer_size=16)  # the id comes from the entry
+    conn = Connection(server, entry, ConnectionPolicy(tracer=tracer))
     await client.send_all(b"ab")
     assert isinstance(client, trio.abc.HalfCloseableStream)
     await client.send_eof()

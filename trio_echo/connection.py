@@ -103,10 +103,9 @@ class Connection:
     Args:
         stream: the client: a ``trio.abc.Stream``, or a connected non-blocking stdlib socket (the
             fast path); ``run`` always closes it.
-        session: the echo state for this connection.
+        session: the echo state for this connection; for a server's client connection its table
+            entry (a ``ConnectionInfo`` is an ``EchoSession``), whose ``id`` names it in trace events.
         policy: limits and hooks shared with the server's other connections.
-        conn_id: names the connection in trace events.
-        info: the connection's table entry, for ``policy.on_close`` (not used here).
     """
 
     __slots__ = (
@@ -117,8 +116,6 @@ class Connection:
         "_phase",
         "_read_cap",
         "close_reason",
-        "conn_id",
-        "info",
         "policy",
         "scope",
         "session",
@@ -130,16 +127,12 @@ class Connection:
         stream: trio.abc.Stream | socket.socket,
         session: EchoSession,
         policy: ConnectionPolicy = DEFAULT_POLICY,
-        *,
-        conn_id: int = 0,
-        info: ConnectionInfo | None = None,
     ) -> None:
         self.stream = stream
         self.session = session
         self.policy = policy
         self.scope = trio.CancelScope()
         self.close_reason: str | None = None
-        self.conn_id = conn_id
         now = trio.current_time()
         self._lifetime_deadline = now + policy.max_lifetime if policy.max_lifetime else math.inf
         self._phase = "idle"
@@ -150,7 +143,18 @@ class Connection:
         self._read_cap = min(session.buffer_size, rate or session.buffer_size)
         self._activity = now
         self._buffer: memoryview | None = None  # socket pump: allocated when the first byte arrives
-        self.info = info
+
+    @property
+    def info(self) -> ConnectionInfo | None:
+        """The connection's table entry, when its session is one (for ``policy.on_close``)."""
+        session = self.session
+        return session if isinstance(session, ConnectionInfo) else None
+
+    @property
+    def conn_id(self) -> int:
+        """The table id (trace events name the connection by it); 0 outside a server's table."""
+        info = self.info
+        return info.id if info is not None else 0
 
     def close(self, reason: str) -> None:
         """Ask the connection to stop echoing and close gracefully; the first reason given wins."""

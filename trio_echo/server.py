@@ -571,9 +571,8 @@ class EchoServer:
         ``_closed``."""
         assert self._handlers is not None
         info.ip = ip
-        conn = Connection(stream, info, self._client_policy, conn_id=info.id, info=info)
+        conn = Connection(stream, info, self._client_policy)
         info.handle = conn
-        info.transport = stream
         if self.draining:
             conn.close("drain")
         if self.tracer.conn:

@@ -15,7 +15,13 @@ import attrs
 from .echo import EchoSession
 
 
-class Closable(Protocol):
+class Handle(Protocol):
+    """What the table needs of a connection's I/O side."""
+
+    @property
+    def stream(self) -> object:
+        """The client stream or socket (I/O code reports on it: TCP_INFO)."""
+
     def close(self, reason: str) -> None: ...
 
 
@@ -23,11 +29,11 @@ class ConnectionInfo(EchoSession):
     """One live connection: its echo session (whose byte counts the table shows) plus who it is.
 
     One object rather than a table entry pointing at a session: every idle connection saves an object.
-    ``handle.close(reason)`` asks its task to close it (admin kick, drain); ``transport`` is the stream,
-    for I/O code that reports on the socket (TCP_INFO).
+    ``handle.close(reason)`` asks its task to close it (admin kick, drain); ``handle.stream`` is the
+    stream, for I/O code that reports on the socket (TCP_INFO).
     """
 
-    __slots__ = ("handle", "id", "ip", "listener", "opened", "peer", "proxy", "transport")
+    __slots__ = ("handle", "id", "ip", "listener", "opened", "peer", "proxy")
 
     def __init__(
         self,
@@ -45,8 +51,7 @@ class ConnectionInfo(EchoSession):
         self.peer = peer
         self.listener = listener
         self.opened = opened
-        self.handle: Closable | None = None
-        self.transport: object = None
+        self.handle: Handle | None = None
         self.ip: str | None = None  # the client's IP (None for a Unix peer): what admission counted
         self.proxy = ""  # the load balancer it came through (PROXY protocol listeners), else empty
 

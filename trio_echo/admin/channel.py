@@ -39,7 +39,7 @@ def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
     }
     if info.proxy:
         item["proxy"] = info.proxy
-    sock: object = info.transport
+    sock: object = info.handle.stream if info.handle is not None else None
     if isinstance(sock, trio.SocketStream):
         sock = sock.socket
     if sys.platform == "linux" and isinstance(sock, stdlib_socket.socket | trio.socket.SocketType):
