@@ -417,14 +417,16 @@ class EchoServer:
     def _dispatch(
         self, sock: stdlib_socket.socket, ip: str | None, peer: str, label: str, proxy: str = ""
     ) -> None:
+        self._admit(self._transport(sock, label), ip, peer, label, proxy)
+
+    def _transport(self, sock: stdlib_socket.socket, label: str) -> trio.abc.Stream | stdlib_socket.socket:
+        """What the connection talks to: the socket itself (the pump's fast path uses it directly),
+        or on a ``tls://`` listener a TLS stream over it (the handshake runs in the connection's task,
+        through the generic stream pump)."""
         options = self._listen_options.get(label)
         if options is not None and options.address.transport == "tls" and self._tls_context is not None:
-            # TLS goes through the generic stream pump (the handshake runs in the connection's task).
-            stream = trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
-            self._admit(stream, ip, peer, label, proxy)
-            return
-        # The socket itself goes to the connection: the pump's fast path talks to it directly.
-        self._admit(sock, ip, peer, label, proxy)
+            return trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
+        return sock
 
     def _admit(
         self,
@@ -546,12 +548,8 @@ class EchoServer:
         send/expect check works, but neither counted nor listed as a client. Drain closes it too."""
         assert self._handlers is not None
         self.stats.health_checks[label] += 1
-        stream: trio.abc.Stream | stdlib_socket.socket = sock
-        options = self._listen_options.get(label)
-        if options is not None and options.address.transport == "tls" and self._tls_context is not None:
-            stream = trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
         session = EchoSession(self.config.limits.buffer_size)
-        conn = Connection(stream, session, self._health_check_policy)
+        conn = Connection(self._transport(sock, label), session, self._health_check_policy)
         self._health_checks[session] = conn
         if self.draining:
             conn.close("drain")
