@@ -112,6 +112,18 @@ def test_rate_buckets_are_pruned() -> None:
     assert len(gate._buckets) == 1
 
 
+def test_rate_table_full_of_active_sources_refuses_new_ones() -> None:
+    gate = admission(max_connect_rate_per_ip=1.0)
+    sources = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}" for i in range(PRUNE_AT)]
+    for ip in sources:
+        assert gate.admit(ip, 0, 0.0) is None
+        gate.release(ip)
+    assert gate.admit("11.0.0.1", 0, 0.5) == "connect_rate"  # nothing has refilled: no room
+    assert gate.admit("11.0.0.2", 0, 0.6) == "connect_rate"  # (no second scan within the second)
+    assert len(gate._buckets) == PRUNE_AT
+    assert gate.admit("11.0.0.1", 0, 1.5) is None  # refilled a second later: pruned, room again
+
+
 def test_reconfigure_keeps_counts() -> None:
     gate = admission(max_connections_per_ip=5)
     gate.admit("1.1.1.1", 0, 0.0)

@@ -45,6 +45,17 @@ def test_source_budget(
     assert [budget.allow("192.0.2.1", size, now) for now, size in sends] == expected
 
 
+def test_source_budget_table_full_of_active_sources_refuses_new_ones() -> None:
+    budget = SourceBudget(1.0, 0)
+    for index in range(MAX_SOURCES):
+        assert budget.allow(f"busy-{index}", 1, 0.0) is None  # each bucket now empty: active
+    assert budget.allow("newcomer", 1, 0.5) == "rate"  # no room, nothing idle
+    assert budget.allow("another", 1, 0.6) == "rate"  # (and no second scan within the second)
+    assert len(budget) == MAX_SOURCES
+    assert budget.allow("newcomer", 1, 1.5) is None  # a second later the old ones are full: pruned
+    assert len(budget) == 1
+
+
 def test_source_budget_is_per_source_and_bounded() -> None:
     budget = SourceBudget(1.0, 0)
     assert budget.allow("a", 1, 0.0) is None

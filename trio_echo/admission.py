@@ -11,6 +11,7 @@ only to ``max_connections``.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Iterable
 
 from .config import LimitsConfig
@@ -56,6 +57,7 @@ class Admission:
     def __init__(self, limits: LimitsConfig, max_connections: int) -> None:
         self.per_source: dict[str, int] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._next_prune = -math.inf
         self.configure(limits, max_connections)
 
     def configure(self, limits: LimitsConfig, max_connections: int) -> None:
@@ -81,8 +83,10 @@ class Admission:
         address, key = source_of(ip)
         if not self.permits(address):
             return "denied"
-        if self.connect_rate and not self._bucket(key, now).take(now):
-            return "connect_rate"
+        if self.connect_rate:
+            bucket = self._bucket(key, now)
+            if bucket is None or not bucket.take(now):
+                return "connect_rate"
         count = self.per_source.get(key, 0)
         if self.max_per_source and count >= self.max_per_source:
             return "per_ip"
@@ -104,14 +108,21 @@ class Admission:
         else:
             self.per_source.pop(key, None)
 
-    def _bucket(self, key: str, now: float) -> TokenBucket:
+    def _bucket(self, key: str, now: float) -> TokenBucket | None:
+        """The source's bucket; None when the table is full of sources that are all still active."""
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= PRUNE_AT:
                 # A full bucket is indistinguishable from a new one: drop those, so a scan of many
-                # sources cannot grow this table without bound.
-                for stale in [k for k, b in self._buckets.items() if b.is_full(now)]:
-                    del self._buckets[stale]
+                # sources cannot grow this table without bound. At most one scan per second, and
+                # while every kept source is still active a new one is refused: neither memory nor
+                # a scan per connection attempt grows with the number of sources.
+                if now >= self._next_prune:
+                    self._next_prune = now + 1.0
+                    for stale in [k for k, b in self._buckets.items() if b.is_full(now)]:
+                        del self._buckets[stale]
+                if len(self._buckets) >= PRUNE_AT:
+                    return None
             # Burst: one second's worth, at least one connection.
             bucket = TokenBucket(self.connect_rate, max(1.0, self.connect_rate), now)
             self._buckets[key] = bucket

@@ -3,6 +3,8 @@ datagrams and their bytes per source (UDP echo)."""
 
 from __future__ import annotations
 
+import math
+
 MAX_SOURCES = 4096  # per-source buckets kept before idle (full) ones are dropped
 
 
@@ -66,6 +68,7 @@ class SourceBudget:
         self.datagrams_per_second = datagrams_per_second
         self.bytes_per_second = bytes_per_second
         self._buckets: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
+        self._next_prune = -math.inf
 
     @property
     def enabled(self) -> bool:
@@ -78,9 +81,15 @@ class SourceBudget:
         if buckets is None:
             if len(self._buckets) >= MAX_SOURCES:
                 # A full bucket is indistinguishable from a new one: drop those, so forged sources
-                # cannot grow this table without bound.
-                for stale in [key for key, pair in self._buckets.items() if _idle(pair, now)]:
-                    del self._buckets[stale]
+                # cannot grow this table without bound. At most one scan per second, and while the
+                # table is full of active sources a new one is refused: a flood from ever-new forged
+                # addresses costs neither unbounded memory nor a table scan per datagram.
+                if now >= self._next_prune:
+                    self._next_prune = now + 1.0
+                    for stale in [key for key, pair in self._buckets.items() if _idle(pair, now)]:
+                        del self._buckets[stale]
+                if len(self._buckets) >= MAX_SOURCES:
+                    return "rate"
             rate, volume = self.datagrams_per_second, self.bytes_per_second
             buckets = (
                 TokenBucket(rate, max(1.0, rate), now) if rate else None,
