@@ -11,16 +11,15 @@ only to ``max_connections``.
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections.abc import Iterable
 
 from .config import LimitsConfig
-from .ratelimit import TokenBucket
+from .ratelimit import MAX_SOURCES, SourceTable, TokenBucket
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-PRUNE_AT = 4096  # rate buckets kept before idle (full) ones are dropped
+PRUNE_AT = MAX_SOURCES  # rate buckets kept before idle (full) ones are dropped
 
 
 def source_of(ip: str) -> tuple[Address, str]:
@@ -56,8 +55,12 @@ class Admission:
 
     def __init__(self, limits: LimitsConfig, max_connections: int) -> None:
         self.per_source: dict[str, int] = {}
-        self._buckets: dict[str, TokenBucket] = {}
-        self._next_prune = -math.inf
+        # Connect-rate buckets per source; burst: one second's worth, at least one connection.
+        self._buckets: SourceTable[TokenBucket] = SourceTable(
+            lambda now: TokenBucket(self.connect_rate, max(1.0, self.connect_rate), now),
+            lambda bucket, now: bucket.is_full(now),
+            PRUNE_AT,
+        )
         self.configure(limits, max_connections)
 
     def configure(self, limits: LimitsConfig, max_connections: int) -> None:
@@ -84,7 +87,7 @@ class Admission:
         if not self.permits(address):
             return "denied"
         if self.connect_rate:
-            bucket = self._bucket(key, now)
+            bucket = self._buckets.get(key, now)
             if bucket is None or not bucket.take(now):
                 return "connect_rate"
         count = self.per_source.get(key, 0)
@@ -107,23 +110,3 @@ class Admission:
             self.per_source[key] = count
         else:
             self.per_source.pop(key, None)
-
-    def _bucket(self, key: str, now: float) -> TokenBucket | None:
-        """The source's bucket; None when the table is full of sources that are all still active."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= PRUNE_AT:
-                # A full bucket is indistinguishable from a new one: drop those, so a scan of many
-                # sources cannot grow this table without bound. At most one scan per second, and
-                # while every kept source is still active a new one is refused: neither memory nor
-                # a scan per connection attempt grows with the number of sources.
-                if now >= self._next_prune:
-                    self._next_prune = now + 1.0
-                    for stale in [k for k, b in self._buckets.items() if b.is_full(now)]:
-                        del self._buckets[stale]
-                if len(self._buckets) >= PRUNE_AT:
-                    return None
-            # Burst: one second's worth, at least one connection.
-            bucket = TokenBucket(self.connect_rate, max(1.0, self.connect_rate), now)
-            self._buckets[key] = bucket
-        return bucket

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from .config import LimitsConfig
 from .echo import EchoSession, Step
 from .events import Flag
 from .proxyproto import HeaderParser, ProxyHeader, ProxyHeaderError
@@ -92,6 +93,27 @@ class ConnectionPolicy:
     tracer: Tracer | None = None
     scratch: memoryview | None = None
     on_close: Callable[[Connection, str], None] | None = None
+
+    @classmethod
+    def from_limits(
+        cls,
+        limits: LimitsConfig,
+        *,
+        tracer: Tracer | None = None,
+        scratch: memoryview | None = None,
+        on_close: Callable[[Connection, str], None] | None = None,
+    ) -> ConnectionPolicy:
+        """The ``[limits]`` section's timeouts and bandwidth cap, with these hooks."""
+        return cls(
+            idle_timeout=limits.idle_timeout,
+            send_timeout=limits.send_timeout,
+            max_lifetime=limits.max_lifetime,
+            linger_timeout=limits.linger_timeout,
+            max_bytes_per_second=limits.max_bytes_per_second,
+            tracer=tracer,
+            scratch=scratch,
+            on_close=on_close,
+        )
 
 
 DEFAULT_POLICY = ConnectionPolicy()

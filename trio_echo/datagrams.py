@@ -26,7 +26,7 @@ from .events import Flag
 from .stats import DatagramCounts
 from .trace import Tracer
 
-MAX_DATAGRAM = 65535  # larger than any UDP payload over IPv4 or (non-jumbo) IPv6: never truncated
+RECEIVE_BUFFER = 65535  # larger than any UDP payload over IPv4 or (non-jumbo) IPv6: never truncated
 LOOP_PORTS = frozenset({0, 7, 13, 17, 19, 37})
 # recvfrom failures about an earlier reply (an ICMP error queued on the socket), not about this socket;
 # Windows reports a port-unreachable as ECONNRESET (WSAECONNRESET) on the next recvfrom.
@@ -52,7 +52,7 @@ async def echo_datagrams(
     under the returned reason. Counts go to ``counts``/``dropped``; trace events are ``udp.echo``
     (``data`` flag) and ``udp.dropped`` (``conn`` flag).
     """
-    buffer = bytearray(MAX_DATAGRAM)
+    buffer = bytearray(RECEIVE_BUFFER)
     view = memoryview(buffer)
     done = 0
     while True:

@@ -104,14 +104,7 @@ async def echo_stream(
     session = EchoSession(
         limits.buffer_size, config.server.greeting.encode(), config.server.farewell.encode()
     )
-    policy = ConnectionPolicy(
-        idle_timeout=limits.idle_timeout,
-        send_timeout=limits.send_timeout,
-        max_lifetime=limits.max_lifetime,
-        linger_timeout=limits.linger_timeout,
-        max_bytes_per_second=limits.max_bytes_per_second,
-    )
-    connection = Connection(server_end, session, policy)
+    connection = Connection(server_end, session, ConnectionPolicy.from_limits(limits))
     nursery.start_soon(connection.run)
     yield client
     await client.aclose()

@@ -4,7 +4,10 @@ datagrams and their bytes per source (UDP echo)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
+T = TypeVar("T")
 MAX_SOURCES = 4096  # per-source buckets kept before idle (full) ones are dropped
 
 
@@ -55,47 +58,80 @@ class TokenBucket:
         return self.tokens >= self.burst
 
 
+class SourceTable(Generic[T]):
+    """Per-source state (token buckets) with a bound, for tables keyed by client address.
+
+    ``make(now)`` builds a new source's state; ``idle(state, now)`` says it is indistinguishable from a
+    new one (its buckets have refilled), so it may be dropped. Past ``limit`` sources the idle ones are
+    dropped, at most once a second, and while all of them are still active a new source gets ``None``:
+    a flood from ever-new (or forged) addresses costs neither unbounded memory nor a scan per attempt.
+    """
+
+    def __init__(
+        self, make: Callable[[float], T], idle: Callable[[T, float], bool], limit: int = MAX_SOURCES
+    ) -> None:
+        self._make = make
+        self._idle = idle
+        self._limit = limit
+        self._items: dict[str, T] = {}
+        self._next_prune = -math.inf
+
+    def get(self, source: str, now: float) -> T | None:
+        """The source's state (made now if new), or None when the table is full of active sources."""
+        item = self._items.get(source)
+        if item is None:
+            if len(self._items) >= self._limit:
+                if now >= self._next_prune:
+                    self._next_prune = now + 1.0
+                    for stale in [key for key, value in self._items.items() if self._idle(value, now)]:
+                        del self._items[stale]
+                if len(self._items) >= self._limit:
+                    return None
+            item = self._items[source] = self._make(now)
+        return item
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+BucketPair = tuple[TokenBucket | None, TokenBucket | None]
+
+
 class SourceBudget:
     """Per-source datagram and byte budgets for UDP echo, so the service cannot be aimed at a victim
     whose address a sender forges: each source gets at most ``datagrams_per_second`` and
     ``bytes_per_second`` (each 0 = unlimited), with one second's worth as burst.
 
     :meth:`allow` is asked once per datagram and answers ``None`` or the drop reason: ``rate`` (too
-    many datagrams) or ``bandwidth`` (too many bytes). A datagram that is dropped costs nothing.
+    many datagrams, or no room for a new source) or ``bandwidth`` (too many bytes). A datagram that is
+    dropped costs nothing.
     """
 
     def __init__(self, datagrams_per_second: float, bytes_per_second: int) -> None:
         self.datagrams_per_second = datagrams_per_second
         self.bytes_per_second = bytes_per_second
-        self._buckets: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
-        self._next_prune = -math.inf
+        self._buckets: SourceTable[BucketPair] = SourceTable(self._new_pair, _idle)
 
     @property
     def enabled(self) -> bool:
         return bool(self.datagrams_per_second or self.bytes_per_second)
 
+    def _new_pair(self, now: float) -> BucketPair:
+        rate, volume = self.datagrams_per_second, self.bytes_per_second
+        return (
+            TokenBucket(rate, max(1.0, rate), now) if rate else None,
+            TokenBucket(volume, volume, now) if volume else None,
+        )
+
     def allow(self, source: str, size: int, now: float) -> str | None:
         if not self.enabled:
             return None
-        buckets = self._buckets.get(source)
+        buckets = self._buckets.get(source, now)
         if buckets is None:
-            if len(self._buckets) >= MAX_SOURCES:
-                # A full bucket is indistinguishable from a new one: drop those, so forged sources
-                # cannot grow this table without bound. At most one scan per second, and while the
-                # table is full of active sources a new one is refused: a flood from ever-new forged
-                # addresses costs neither unbounded memory nor a table scan per datagram.
-                if now >= self._next_prune:
-                    self._next_prune = now + 1.0
-                    for stale in [key for key, pair in self._buckets.items() if _idle(pair, now)]:
-                        del self._buckets[stale]
-                if len(self._buckets) >= MAX_SOURCES:
-                    return "rate"
-            rate, volume = self.datagrams_per_second, self.bytes_per_second
-            buckets = (
-                TokenBucket(rate, max(1.0, rate), now) if rate else None,
-                TokenBucket(volume, volume, now) if volume else None,
-            )
-            self._buckets[source] = buckets
+            return "rate"
         count, size_bucket = buckets
         if count is not None and not count.take(now):
             return "rate"
@@ -109,5 +145,5 @@ class SourceBudget:
         return len(self._buckets)
 
 
-def _idle(pair: tuple[TokenBucket | None, TokenBucket | None], now: float) -> bool:
+def _idle(pair: BucketPair, now: float) -> bool:
     return all(bucket is None or bucket.is_full(now) for bucket in pair)

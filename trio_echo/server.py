@@ -582,16 +582,8 @@ class EchoServer:
 
     def _policies(self) -> tuple[ConnectionPolicy, ConnectionPolicy]:
         """The connection policies for clients and for health checks (built per configuration)."""
-        limits = self.config.limits
-        client = ConnectionPolicy(
-            idle_timeout=limits.idle_timeout,
-            send_timeout=limits.send_timeout,
-            max_lifetime=limits.max_lifetime,
-            linger_timeout=limits.linger_timeout,
-            max_bytes_per_second=limits.max_bytes_per_second,
-            tracer=self.tracer,
-            scratch=self._scratch,
-            on_close=self._closed,
+        client = ConnectionPolicy.from_limits(
+            self.config.limits, tracer=self.tracer, scratch=self._scratch, on_close=self._closed
         )
         return client, attrs.evolve(client, on_close=self._health_check_closed)
 
