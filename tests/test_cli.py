@@ -138,6 +138,8 @@ def test_default_listen_is_both_families_on_40007() -> None:
         ("[limits]\nidle_timeout = -5\n", "limits.idle_timeout = -5.0: must be >= 0"),
         ("[server]\nlisten = ['1.2.3.4:70000']\n", "server.listen[0] = '1.2.3.4:70000'"),
         ("[limits]\nnope = 1\n", "limits.nope = 1: unknown key"),
+        ("[limits]\nidle_timout = 1\n", "limits.idle_timout = 1: unknown key; did you mean idle_timeout?"),
+        ("[limits]\nallow = " + "[" * 4000 + "]" * 4000 + "\n", "invalid TOML: arrays or tables nested"),
         ("[server\n", "invalid TOML"),
     ],
 )
@@ -169,6 +171,9 @@ def test_config_from_environment(tmp_path: object) -> None:
         (("serve", "--admin", "x:y"), "--admin = 'x:y'"),
         (("serve", "--config", "/nonexistent/trio-echo.toml"), "cannot read config file /nonexistent"),
         (("serve", "--bogus"), "unrecognized arguments: --bogus"),
+        (("serve", "--listn", ":0"), "unrecognized arguments: --listn :0; did you mean --listen?"),
+        (("serve", "--adminn=off"), "unrecognized arguments: --adminn=off; did you mean --admin?"),
+        (("bench", "127.0.0.1:1", "--conections", "3"), "did you mean --connections?"),
         (("frobnicate",), "invalid choice: 'frobnicate'"),
         ((), "the following arguments are required"),
     ],

@@ -118,12 +118,34 @@ def test_full_file_parses() -> None:
         ("[supervisor]\nbackoff_max = 0.01", "supervisor.backoff_max = 0.01: must be >= backoff_initial"),
         ("[tls]\nmin_version = '1.0'", "tls.min_version = '1.0': must be one of"),
         ("[limits\n", "invalid TOML"),
+        # near misses name the key that was meant; far misses list the known ones
+        ("[limits]\nidle_timout = 1", "limits.idle_timout = 1: unknown key; did you mean idle_timeout?"),
+        ("[limit]\nidle_timeout = 1", "limit = {'idle_timeout': 1}: unknown section; did you mean limits?"),
+        (
+            "[server]\nlisten = [{ address = ':1', proxy_protcol = 'v1' }]",
+            "server.listen[0].proxy_protcol = 'v1': unknown key; did you mean proxy_protocol?",
+        ),
+        ("[limits]\nzzz = 1", "limits.zzz = 1: unknown key (known: max_connections, "),
+        # whatever the file holds: one line, never another exception
+        ("[server]\nlisten = " + "[" * 600 + "]" * 600, "invalid TOML: arrays or tables nested too deeply"),
+        ("[limits]\nallow = " + "[" * 3000 + "]" * 3000, "invalid TOML: arrays or tables nested too deeply"),
+        ("x = " + "{a=" * 600 + "1" + "}" * 600, "invalid TOML: arrays or tables nested too deeply"),
+        ("[server]\nlisten = " + "[" * 50 + "]" * 50, "server.listen[0] = [[[...]]]: expected an ADDR"),
+        ("x = " + "{a=" * 50 + "1" + "}" * 50, "x = {'a': {'a': {...}}}: unknown section"),
+        ("[limits]\nmax_connections = " + "9" * 5000, "invalid TOML: Exceeds the limit"),
+        ("[limits]\nmax_connections = " + "9" * 30, "limits.max_connections = 999"),
+        ("[limits]\nidle_timeout = nan", "limits.idle_timeout = nan: must be a finite number"),
+        ("[limits]\nsocket_buffer = 4294967296", "limits.socket_buffer = 4294967296: must be <= 2147483647"),
+        ("[limits]\ntls_handshake_timeout = 0", "limits.tls_handshake_timeout = 0.0: must be > 0"),
+        ("[server]\ngreeting = ['" + "x" * 5000 + "']", "server.greeting = ['xxxxxxxx"),
+        ("\x00\x01\x02", "invalid TOML"),
     ],
 )
 def test_every_error_names_key_and_value(toml: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
         config_from_toml(toml)
     assert "\n" not in str(info.value)
+    assert len(str(info.value)) < 800  # a value is quoted shortened, not in full
 
 
 def test_construction_validates_too() -> None:

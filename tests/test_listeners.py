@@ -64,6 +64,43 @@ async def test_accept_backs_off_on_emfile_and_logs_once_per_second(
     assert "more since last report" in warnings[1]
 
 
+# accept(2) on Linux: "already-pending network errors on the new socket" come back as accept's own
+# error, and the TCP/IP ones are to be treated like EAGAIN. Each must skip one connection, never crash
+# the listener (which would spend supervisor restarts).
+PER_CONNECTION_ERRNOS = [
+    "ENETDOWN",
+    "EPROTO",
+    "ENOPROTOOPT",
+    "EHOSTDOWN",
+    "ENONET",
+    "EHOSTUNREACH",
+    "EOPNOTSUPP",
+    "ENETUNREACH",
+    "ECONNABORTED",
+    "ECONNRESET",
+    "ETIMEDOUT",
+    "EPERM",
+]
+
+
+@pytest.mark.parametrize("name", PER_CONNECTION_ERRNOS)
+async def test_per_connection_accept_errors_are_skipped(
+    name: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    if not hasattr(errno, name):
+        pytest.skip(f"{name} does not exist on this platform")
+    fake = ScriptedSocket([getattr(errno, name)] * 3)
+    accepted: list[float] = []
+
+    def on_accept(sock: object, peer: object) -> None:
+        accepted.append(trio.current_time())
+        raise StopAccepting
+
+    with pytest.raises(StopAccepting):
+        await accept_loop(ListeningSocket(fake, "test"), on_accept)  # type: ignore[arg-type]
+    assert accepted == [0.0]  # skipped at once: no backoff, no wait
+
+
 async def test_other_accept_errors_propagate() -> None:
     fake = ScriptedSocket([errno.EBADF])
     with pytest.raises(OSError, match="Bad file descriptor"):

@@ -129,6 +129,11 @@ def test_sighup_applies_live_and_keeps_connections(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGHUP)
         log.wait_for(r"reload failed, keeping the running configuration: limits\.idle_timeout = -1\.0")
         assert echo(old_client, b"still") == b"still"
+        # nor does one the TOML parser cannot even finish (it recurses on nesting)
+        config.write_text("[limits]\nallow = " + "[" * 5000 + "]" * 5000 + "\n")
+        proc.send_signal(signal.SIGHUP)
+        log.wait_for(r"reload failed, keeping the running configuration: invalid TOML: .* nested too deeply")
+        assert echo(old_client, b"still 2") == b"still 2"
         with socket.create_connection(("127.0.0.1", second), timeout=10) as again:
             assert echo(again, b"second still listens") == b"second still listens"
 

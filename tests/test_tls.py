@@ -3,6 +3,7 @@ and a renewed certificate picked up by reload."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import subprocess
@@ -11,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from tests.conftest import make_config, needs_ipv6, port_of, running_server
+from trio_echo.connection import Connection, ConnectionPolicy
+from trio_echo.echo import EchoSession
 from trio_echo.errors import ConfigError
 from trio_echo.server import EchoServer
 
@@ -110,6 +114,41 @@ async def test_plain_text_client_is_rejected_cleanly(ca: trustme.CA, tmp_path: P
             good = await tls_client(server.addresses[0], ca)
             assert await round_trip(good, b"still fine") == b"still fine"
             await good.aclose()
+
+
+async def test_silent_client_is_closed_at_the_handshake_limit_mock_clock(
+    ca: trustme.CA, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A client that connects and never starts the handshake: closed at tls_handshake_timeout, not
+    # held until the (much longer) idle timeout.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    client, server_side = trio.testing.memory_stream_pair()
+    policy = ConnectionPolicy(idle_timeout=300.0, tls_handshake_timeout=10.0)
+    conn = Connection(trio.SSLStream(server_side, context, server_side=True), EchoSession(1024), policy)
+    reason = await conn.run()
+    assert reason == "tls_handshake"
+    assert trio.current_time() == pytest.approx(10.0)
+    assert await client.receive_some(100) == b""  # the server end is closed
+
+
+async def test_silent_client_is_closed_at_the_handshake_limit(ca: trustme.CA, tmp_path: Path) -> None:
+    config = make_config(
+        server={"listen": ["tls://127.0.0.1:0"]},
+        tls={"cert_file": server_pem(ca, tmp_path / "s.pem"), "key_file": str(tmp_path / "s.pem")},
+        limits={"tls_handshake_timeout": 0.5, "idle_timeout": 60.0},
+    )
+    async with running_server(config) as server:
+        with trio.fail_after(10):
+            silent = await trio.open_tcp_stream("127.0.0.1", port_of(server.addresses[0]))
+            started = trio.current_time()
+            with contextlib.suppress(trio.BrokenResourceError):
+                assert await silent.receive_some(100) == b""  # closed by the server, not by us
+            assert 0.4 < trio.current_time() - started < 5
+            while server.stats.closed.get("tls_handshake", 0) < 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            assert "idle" not in server.stats.closed
+            await silent.aclose()
 
 
 async def test_reload_picks_up_a_renewed_certificate(ca: trustme.CA, tmp_path: Path) -> None:

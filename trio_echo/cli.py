@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ._version import __version__
 from .admin.client import main as admin_main
@@ -27,6 +28,37 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """argparse's parse_args, but an unknown flag names the closest one of its command."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            known = _option_strings(self, parsed)
+            for extra in extras:
+                close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1)
+                if extra.startswith("-") and close:
+                    message += f"; did you mean {close[0]}?"
+                    break
+            self.error(message)
+        return parsed
+
+
+def _option_strings(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> list[str]:
+    """The flags of ``parser`` and of the subcommands ``parsed`` chose, in that order."""
+    known: list[str] = []
+    current: argparse.ArgumentParser | None = parser
+    while current is not None:
+        actions: list[argparse.Action] = current._actions  # argparse has no public view
+        known.extend(o for action in actions for o in action.option_strings if o.startswith("--"))
+        chosen: Any = None
+        for action in actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(parsed, action.dest or "", None) or "")
+        current = chosen
+    return known
 
 
 def build_parser() -> argparse.ArgumentParser:

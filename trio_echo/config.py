@@ -11,6 +11,7 @@ structuring errors would need translating back into anyway.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import tomllib
@@ -28,6 +29,9 @@ from .events import DEFAULT_FLAGS, Flag, format_flags, parse_flags
 SUPPORTED_TRANSPORTS = ("tcp", "tls", "udp")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FALLBACK_MAX_CONNECTIONS = 4096  # PRODUCT.md: where there is no RLIMIT_NOFILE (Windows)
+# Integers beyond int64 are no setting anyone means, and some reach C APIs (setsockopt, sleep).
+MAX_INTEGER = 2**63 - 1
+SOCKET_BUFFER_MAX = 2**31 - 1  # setsockopt(SO_RCVBUF) takes a C int
 
 
 # -- validators (raise ConfigError with the field name; the loader adds the section) ------------------
@@ -192,7 +196,7 @@ class LimitsConfig:
     """Text sent to a refused client before its lingering close; empty = none."""
     keepalive: bool = True
     """TCP keepalive on accepted sockets (idle 60 s, interval 10 s, 5 probes)."""
-    socket_buffer: int = attrs.field(default=0, validator=_non_negative)
+    socket_buffer: int = attrs.field(default=0, validator=[_non_negative, _at_most(SOCKET_BUFFER_MAX)])
     """SO_SNDBUF/SO_RCVBUF set on listening sockets (accepted ones inherit it); 0 = kernel default."""
     allow: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
     """CIDRs allowed to connect; empty = everyone."""
@@ -202,6 +206,8 @@ class LimitsConfig:
     """New connections per second per source address (token bucket)."""
     max_bytes_per_second: int = attrs.field(default=0, validator=_non_negative)
     """Echo bandwidth cap per connection."""
+    tls_handshake_timeout: float = attrs.field(default=10.0, validator=[_finite, _positive])
+    """Seconds a ``tls://`` client gets to complete the TLS handshake (reason ``tls_handshake``)."""
     max_datagrams_per_second_per_ip: float = attrs.field(default=1000.0, validator=[_finite, _non_negative])
     """UDP echo: datagrams echoed per second per source address; more are dropped (reason ``rate``)."""
     max_datagram_bytes_per_second_per_ip: int = attrs.field(default=1048576, validator=_non_negative)
@@ -330,11 +336,18 @@ def config_from_toml(text: str) -> Config:
     """Parse TOML text into a validated :class:`Config`.
 
     Raises:
-        ConfigError: for TOML syntax errors, unknown sections or keys, wrong types and bad values.
+        ConfigError: for TOML syntax errors, unknown sections or keys, wrong types and bad values,
+            whatever the text holds (nesting deeper than the parser's recursion allows, integers
+            past Python's digit limit, ...): never another exception.
     """
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", None, f"invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively; no setting nests this deep.
+        raise ConfigError("", None, "invalid TOML: arrays or tables nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past sys.get_int_max_str_digits()
         raise ConfigError("", None, f"invalid TOML: {exc}") from None
     return config_from_mapping(data)
 
@@ -344,7 +357,7 @@ def config_from_mapping(data: Mapping[str, object]) -> Config:
     sections: dict[str, Any] = {}
     for name, value in data.items():
         if name not in _SECTIONS:
-            raise ConfigError(name, value, f"unknown section (known: {', '.join(_SECTIONS)})")
+            raise ConfigError(name, value, f"unknown section{_suggestion(name, _SECTIONS)}")
         if not isinstance(value, Mapping):
             raise ConfigError(name, value, "expected a table")
         sections[name] = _build(_SECTIONS[name], value, name)
@@ -360,8 +373,8 @@ def _build(
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in fields or key in kwargs:
-            known = ", ".join(name for name in fields if name not in (given or {}))
-            raise ConfigError(dotted, value, f"unknown key (known: {known})")
+            known = [name for name in fields if name not in (given or {})]
+            raise ConfigError(dotted, value, f"unknown key{_suggestion(key, known)}")
         try:
             kwargs[key] = _convert(hints[key], value)
         except ConfigError as exc:
@@ -372,6 +385,15 @@ def _build(
         return cls(**kwargs)
     except ConfigError as exc:
         raise _prefixed(exc, prefix) from None
+
+
+def _suggestion(name: str, known: typing.Iterable[str]) -> str:
+    """``; did you mean idle_timeout?`` for a near miss, else the list of what is known."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f"; did you mean {close[0]}?"
+    return f" (known: {', '.join(known)})"
 
 
 def _prefixed(exc: ConfigError, prefix: str) -> ConfigError:
@@ -418,6 +440,8 @@ def _convert(hint: Any, value: object) -> object:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"expected an integer, not {_toml_type(value)}")
+        if abs(value) > MAX_INTEGER:
+            raise ValueError(f"out of range (at most {MAX_INTEGER})")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -46,7 +46,6 @@ from .trace import Tracer
 
 logger = logging.getLogger("trio_echo.connection")
 
-TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a client gets to complete the TLS handshake
 _NOTHING = memoryview(b"")
 LINGER_CHUNK = 16384  # read size while discarding input during a lingering close
 FAIR_SHARE = 32  # socket-pump operations between checkpoints when the kernel never says EAGAIN
@@ -76,6 +75,7 @@ class ConnectionPolicy:
     Args:
         idle_timeout, send_timeout, max_lifetime, linger_timeout: seconds, 0 = off.
         max_bytes_per_second: the echo bandwidth cap, 0 = off.
+        tls_handshake_timeout: seconds a TLS client gets to complete its handshake.
         tracer: per-chunk ``data`` events go here when that flag is on.
         scratch: a read buffer of at least ``session.buffer_size`` bytes shared by the socket pumps of one
             event loop. Between ``recv_into`` and ``send`` nothing awaits, so connections can share it;
@@ -90,6 +90,7 @@ class ConnectionPolicy:
     max_lifetime: float = 0.0
     linger_timeout: float = 0.0
     max_bytes_per_second: int = 0
+    tls_handshake_timeout: float = 10.0
     tracer: Tracer | None = None
     scratch: memoryview | None = None
     on_close: Callable[[Connection, str], None] | None = None
@@ -110,6 +111,7 @@ class ConnectionPolicy:
             max_lifetime=limits.max_lifetime,
             linger_timeout=limits.linger_timeout,
             max_bytes_per_second=limits.max_bytes_per_second,
+            tls_handshake_timeout=limits.tls_handshake_timeout,
             tracer=tracer,
             scratch=scratch,
             on_close=on_close,
@@ -312,10 +314,13 @@ class Connection:
                     )
             else:
                 with self.scope:
-                    await self._pump()
-                reason = (
-                    (self.close_reason or self._timeout_reason()) if self.scope.cancelled_caught else "eof"
-                )
+                    if isinstance(stream, trio.SSLStream) and not await self._handshake(stream):
+                        reason = "tls_handshake"
+                    else:
+                        await self._pump()
+                        reason = "eof"
+                if self.scope.cancelled_caught:
+                    reason = self.close_reason or self._timeout_reason()
         except trio.BrokenResourceError as exc:
             # A TLS error before any data: the handshake failed (with TLS 1.3 a rejected client
             # certificate surfaces at the first read, after do_handshake returned).
@@ -339,8 +344,12 @@ class Connection:
         return reason
 
     async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> bool:
-        """The TLS handshake, bounded; False if it failed (a plain-text client, a bad certificate)."""
-        with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as scope:
+        """The TLS handshake, within ``policy.tls_handshake_timeout`` (the idle timeout would otherwise
+        hold a silent client for minutes); False if it failed (a plain-text client, a bad certificate)
+        or took too long. The connection's own scope still applies: drain, an admin close and the
+        lifetime limit end it as they end any await."""
+        self.scope.deadline = self._lifetime_deadline
+        with trio.move_on_after(self.policy.tls_handshake_timeout) as scope:
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError:

@@ -7,6 +7,22 @@ codes at a single boundary: :class:`ConfigError` and :class:`AddressError` are u
 
 from __future__ import annotations
 
+import reprlib
+
+# A config value quoted in an error: a deeply nested or huge value must not turn the one-line error
+# into a page (or a RecursionError while rendering it).
+_VALUE_REPR = reprlib.Repr()
+_VALUE_REPR.maxlevel = 2
+_VALUE_REPR.maxstring = 60
+_VALUE_REPR.maxother = 60
+_VALUE_REPR.maxlong = 40
+_VALUE_REPR.maxlist = _VALUE_REPR.maxtuple = _VALUE_REPR.maxdict = 4
+
+
+def describe_value(value: object) -> str:
+    """``repr(value)``, shortened to fit in a one-line error."""
+    return _VALUE_REPR.repr(value)
+
 
 class TrioEchoError(Exception):
     """Base class of every error trio_echo raises on purpose."""
@@ -16,14 +32,16 @@ class ConfigError(TrioEchoError):
     """A configuration value is missing, of the wrong type or out of range.
 
     ``key`` is the dotted path of the offending key (``limits.idle_timeout``, ``server.listen[1]``) so
-    the one-line message can name it; ``value`` is the value as given.
+    the one-line message can name it; ``value`` is the value as given (shortened in the message).
+    The message is always one line.
     """
 
     def __init__(self, key: str, value: object, problem: str) -> None:
         self.key = key
         self.value = value
         self.problem = problem
-        super().__init__(f"{key} = {value!r}: {problem}" if key else problem)
+        text = f"{key} = {describe_value(value)}: {problem}" if key else problem
+        super().__init__(" ".join(text.splitlines()))
 
 
 class AddressError(ValueError, TrioEchoError):

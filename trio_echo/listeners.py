@@ -27,15 +27,30 @@ logger = logging.getLogger("trio_echo.listeners")
 # accept(2) failures that mean the system is out of a resource; existing clients keep being served while
 # the accept loop backs off (trio's ACCEPT_CAPACITY_ERRNOS).
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-# accept(2) failures that concern only the one connection being accepted: the peer reset or gave up
-# while queued, or a firewall hook refused it (Linux EPERM). Nothing to do but accept the next one.
+# accept(2) failures that concern only the one connection being accepted, never the listener; nothing
+# to do but accept the next one:
+# - the peer reset or gave up while queued (ECONNABORTED, ECONNRESET, ETIMEDOUT), or a firewall hook
+#   refused it (Linux EPERM);
+# - Linux passes a network error already pending on the new socket as accept's own error, and accept(2)
+#   says to treat the TCP/IP ones like EAGAIN: ENETDOWN, EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET,
+#   EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH (trio's SocketListener ignores the same set).
+# Letting any of them escape would crash the listener and spend the supervisor's restart budget on
+# what one client's network did.
 ACCEPT_IGNORED_ERRNOS = frozenset(
     {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET, errno.ETIMEDOUT}
-    | (
-        {errno.ENETDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.ENETUNREACH}
-        if sys.platform == "linux"
-        else set()
-    )
+    | {
+        getattr(errno, name)
+        for name in (
+            "ENETDOWN",
+            "ENOPROTOOPT",
+            "EHOSTDOWN",
+            "ENONET",
+            "EHOSTUNREACH",
+            "EOPNOTSUPP",
+            "ENETUNREACH",
+        )
+        if hasattr(errno, name)  # ENONET is Linux-only
+    }
 )
 # Binding a family the host lacks fails with these; such a family is skipped with a warning.
 FAMILY_MISSING_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
