@@ -21,6 +21,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from tests.conftest import make_config, port_of
 from trio_echo.admin import port as admin_port
 from trio_echo.errors import ConfigError
+from trio_echo.events import Flag
 from trio_echo.server import EchoServer
 
 
@@ -405,8 +406,10 @@ async def test_admin_command_line(runtime_dir) -> None:  # type: ignore[no-untyp
     assert refused.stderr.count(b"\n") == 1
 
 
-async def test_admin_trace_command_streams_json_lines(runtime_dir) -> None:  # type: ignore[no-untyped-def]
-    async with admin_server() as server:
+async def test_admin_trace_command_streams_json_lines(runtime_dir, caplog) -> None:  # type: ignore[no-untyped-def]
+    # The docs' own example on a server with the default flags (error,info): the subscriber asked
+    # for conn and gets it; the log, which follows the global flags, does not.
+    async with admin_server(trace={"flags": "error,info"}) as server:
         out = runtime_dir / "trace.jsonl"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
@@ -437,3 +440,5 @@ async def test_admin_trace_command_streams_json_lines(runtime_dir) -> None:  # t
             nursery.cancel_scope.cancel()
         events = [json.loads(line) for line in out.read_text().splitlines()]
         assert [e["event"] for e in events][:2] == ["conn.open", "conn.close"]
+        assert not [r for r in caplog.records if r.getMessage().startswith("conn.")]
+        assert server.tracer.flags == Flag.ERROR | Flag.INFO

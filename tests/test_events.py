@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from trio_echo.events import ALL_FLAGS, Event, Flag, format_flags, parse_flags
+from trio_echo.events import ALL_FLAGS, DEFAULT_FLAGS, Event, Flag, format_flags, parse_flags
 from trio_echo.trace import Tracer
 
 
@@ -87,3 +87,33 @@ def test_tracer_filters_by_flag_and_drops_broken_sinks(caplog: pytest.LogCapture
     tracer.remove_sink(broken)  # already gone: no error
     tracer.emit(Flag.CONN, "conn.open")
     assert len(seen) == 2
+
+
+def test_each_sink_gets_the_flags_it_asked_for(caplog: pytest.LogCaptureFixture) -> None:
+    tracer = Tracer(DEFAULT_FLAGS)  # error,info: what the log and the trace file get
+    trace_file = tracer.subscribe(None)  # follows the global flags, as the trace file does
+    assert (tracer.conn, tracer.data) == (False, False)  # nobody wants them: call sites skip the work
+    conn = tracer.subscribe(Flag.CONN)
+    assert (tracer.conn, tracer.data) == (True, False)
+    assert tracer.wanted == DEFAULT_FLAGS | Flag.CONN
+    data = tracer.subscribe(Flag.DATA)
+    assert tracer.data
+    with caplog.at_level(logging.DEBUG, logger="trio_echo.trace"):
+        tracer.emit(Flag.CONN, "conn.open", conn_id=1)
+        tracer.emit(Flag.INFO, "server.ready")
+        tracer.emit(Flag.DATA, "conn.data", conn_id=1)
+    assert [e.event for e in conn._queue] == ["conn.open"]
+    assert [e.event for e in data._queue] == ["conn.data"]
+    assert [e.event for e in trace_file._queue] == ["server.ready"]
+    assert [r.getMessage() for r in caplog.records] == ["server.ready"]
+    tracer.remove_sink(data)
+    assert not tracer.data  # the per-chunk work stops with the last data subscriber
+    tracer.flags = Flag.CONN | Flag.DATA  # set_trace_flags: the log and the file follow
+    tracer.emit(Flag.DATA, "conn.data")
+    assert [e.event for e in trace_file._queue][-1] == "conn.data"
+    assert [e.event for e in conn._queue] == ["conn.open"]  # a subscriber keeps its own flags
+    tracer.remove_sink(conn)
+    tracer.remove_sink(trace_file)
+    tracer.flags = DEFAULT_FLAGS
+    assert tracer.wanted == DEFAULT_FLAGS
+    assert tracer.subscribers == 0

@@ -31,13 +31,14 @@ async def test_stuck_subscriber_stays_bounded_and_counts_drops() -> None:
     assert tracer.dropped == 10_000 - SUBSCRIBER_QUEUE + reader.dropped  # still counted once gone
 
 
-async def test_subscriber_filters_within_global_flags() -> None:
+async def test_subscriber_gets_exactly_its_own_flags() -> None:
+    # PRODUCT.md (second round): each sink asks for its own flags, as in a WPP trace session.
     tracer = Tracer(Flag.ERROR | Flag.INFO)
     sub = tracer.subscribe(Flag.INFO | Flag.CONN)
-    tracer.emit(Flag.CONN, "conn.open")  # globally off
-    tracer.emit(Flag.ERROR, "error")  # not subscribed
+    tracer.emit(Flag.CONN, "conn.open")  # globally off, but subscribed
+    tracer.emit(Flag.ERROR, "error")  # globally on, but not subscribed
     tracer.emit(Flag.INFO, "server.ready")
-    assert [e.event for e in await sub.get_batch()] == ["server.ready"]
+    assert [e.event for e in await sub.get_batch()] == ["conn.open", "server.ready"]
 
 
 async def test_trace_file_writes_json_lines_rotates_and_reopens(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -138,14 +138,6 @@ function handle(message) {
 function showServerFlags(flags) {
   state.serverFlags = flags;
   $("server-flags").textContent = flags || "nothing";
-  const conn = flags.split(",").includes("conn");
-  $("toggle-conn").textContent = conn ? "stop conn events" : "emit conn events";
-}
-
-function toggleConn() {
-  const flags = new Set((state.serverFlags || "").split(",").filter(Boolean));
-  if (flags.has("conn")) flags.delete("conn"); else flags.add("conn");
-  send({ type: "set_trace_flags", flags: [...flags].join(",") });
 }
 
 function onHello(message) {
@@ -305,7 +297,6 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   $("flags").addEventListener("change", () => send({ type: "subscribe", flags: selectedFlags() }));
   $("clear-trace").addEventListener("click", () => $("trace").replaceChildren());
-  $("toggle-conn").addEventListener("click", toggleConn);
   window.addEventListener("resize", drawChart);
   const token = tokenFromFragment() || sessionStorage.getItem("trio-echo-token");
   if (token) start(token); else showLogin(null, false);
