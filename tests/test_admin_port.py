@@ -325,9 +325,8 @@ async def test_readyz_is_503_while_draining() -> None:
         await echo.aclose()
 
 
-async def test_malformed_and_slow_requests(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(admin_port, "HANDSHAKE_TIMEOUT", 0.3)
-    async with admin_server() as server:
+async def test_malformed_and_slow_requests() -> None:
+    async with admin_server(admin={"header_timeout": 0.3}) as server:
         async with await trio.open_tcp_stream("127.0.0.1", admin_port_of(server)) as stream:
             await stream.send_all(b"NONSENSE\r\n\r\n")
             answer = b""
@@ -336,9 +335,87 @@ async def test_malformed_and_slow_requests(monkeypatch: pytest.MonkeyPatch) -> N
             assert answer.startswith(b"HTTP/1.1 400 ")
         async with await trio.open_tcp_stream("127.0.0.1", admin_port_of(server)) as slow:
             await slow.send_all(b"GET / HTTP/1.1\r\n")  # and then nothing
+            answer = b""
             with trio.fail_after(5):
-                assert await slow.receive_some(100) == b""  # closed after the handshake timeout
+                while chunk := await slow.receive_some(1000):  # closed after the header timeout
+                    answer += chunk
+            client = h11.Connection(h11.CLIENT)
+            client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+            client.receive_data(answer)
+            response = client.next_event()
+            assert isinstance(response, h11.Response)
+            assert response.status_code == 408
         assert (await http(server, "/healthz"))[0] == 200
+        assert server.admin is not None
+        assert server.admin.heads_timed_out == 1
+
+
+async def dribbler(port: int, opened: list[trio.SocketStream], stop: trio.Event) -> None:
+    """A connection that sends its request head one byte at a time and never finishes it."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    opened.append(stream)
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000
+    try:
+        for byte in head:
+            with trio.move_on_after(0.2):
+                await stop.wait()
+            if stop.is_set():
+                return
+            await stream.send_all(bytes([byte]))
+    except trio.BrokenResourceError:
+        pass  # the server dropped us for a newer connection: what it should do
+    finally:
+        await stream.aclose()
+
+
+async def timed_http(server: EchoServer, path: str) -> tuple[int, float]:
+    started = trio.current_time()
+    with trio.fail_after(5):
+        status = (await http(server, path))[0]
+    return status, trio.current_time() - started
+
+
+async def test_probes_answer_while_hundreds_dribble_unfinished_heads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # admin.max_connections is the cap on channels only: 320 connections that never finish a head
+    # (more than max_pending_requests) must not keep liveness and readiness probes out.
+    async with admin_server(admin={"max_connections": 2, "max_pending_requests": 200}) as server:
+        port = admin_port_of(server)
+        echo = await trio.open_tcp_stream("127.0.0.1", port_of(server.addresses[0]))
+        opened: list[trio.SocketStream] = []
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(320):
+                nursery.start_soon(dribbler, port, opened, stop)
+            with trio.fail_after(20):
+                while len(opened) < 320:  # noqa: ASYNC110 - waiting for the connects
+                    await trio.sleep(0.01)
+                assert server.admin is not None
+                while server.admin.heads_dropped < 120:  # noqa: ASYNC110 - the server notices them
+                    await trio.sleep(0.01)
+            assert server.admin.pending <= 200
+            for _ in range(5):
+                for path in ("/healthz", "/readyz"):
+                    status, took = await timed_http(server, path)
+                    assert status == 200
+                    assert took < 1.0
+                started = trio.current_time()
+                await echo.send_all(b"ping")
+                with trio.fail_after(1):
+                    assert await echo.receive_some(10) == b"ping"
+                assert trio.current_time() - started < 1.0
+                # the connects that probes made dropped dribblers too: the table keeps its size
+                assert server.admin.pending <= 200
+            async with channel(server) as ws:  # channels still open up to their own cap
+                assert (await next_of(ws, "hello"))["type"] == "hello"
+            stop.set()
+        await echo.aclose()
+        metrics = (await http(server, "/metrics", bearer(server)))[2].decode()
+        assert 'trio_echo_admin_requests_dropped_total{reason="pending_full"}' in metrics
+    warnings = [r for r in caplog.records if r.name == "trio_echo.admin"]
+    assert 1 <= len(warnings) <= 1 + 20  # at most about one a second over the test's seconds
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_non_loopback_admin_needs_a_configured_token(monkeypatch: pytest.MonkeyPatch) -> None:

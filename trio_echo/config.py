@@ -251,7 +251,12 @@ class AdminConfig:
     stats_interval: float = attrs.field(default=1.0, validator=[_finite, _positive])
     """Seconds between stats messages on the admin channel."""
     max_connections: int = attrs.field(default=16, validator=_positive)
-    """Most admin connections at once."""
+    """Most admin channels (WebSocket) at once; one more gets 503. Plain HTTP requests do not count."""
+    header_timeout: float = attrs.field(default=5.0, validator=[_finite, _positive])
+    """Seconds a request head may take to arrive whole; past it: 408 and close."""
+    max_pending_requests: int = attrs.field(default=256, validator=[_positive, _at_most(65536)])
+    """Most connections still sending their request head; when full, the oldest is dropped so a fresh
+    request (a liveness probe) always gets in."""
 
 
 @attrs.frozen

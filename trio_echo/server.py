@@ -197,6 +197,11 @@ class EchoServer:
             datagrams_in={name: counts.received for name, counts in stats.datagrams.items()},
             datagrams_out={name: counts.echoed for name, counts in stats.datagrams.items()},
             datagrams_dropped=dict(stats.dropped),
+            admin_requests_dropped=(
+                {"pending_full": self.admin.heads_dropped, "header_timeout": self.admin.heads_timed_out}
+                if self.admin is not None
+                else {}
+            ),
         )
 
     def stop(self) -> None:

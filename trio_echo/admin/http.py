@@ -69,6 +69,22 @@ async def read_request(stream: trio.abc.Stream) -> Request:
             raise BadRequest("expected a request", connection)
 
 
+def request_timeout_answer() -> bytes:
+    """A complete ``408 Request Timeout`` answer, for a client whose head never finished (h11 sends
+    responses only to requests it has seen, so this one is written by hand)."""
+    body = b"request head not received in time\n"
+    head = "".join(
+        f"{name}: {value}\r\n"
+        for name, value in [
+            ("content-type", "text/plain; charset=utf-8"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+            *SECURITY_HEADERS,
+        ]
+    )
+    return b"HTTP/1.1 408 Request Timeout\r\n" + head.encode("ascii") + b"\r\n" + body
+
+
 async def respond(
     stream: trio.abc.Stream,
     connection: h11.Connection,

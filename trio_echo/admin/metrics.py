@@ -27,6 +27,7 @@ class MetricsSnapshot:
     datagrams_in: Mapping[str, int] = attrs.field(factory=dict)  # per UDP listener
     datagrams_out: Mapping[str, int] = attrs.field(factory=dict)  # per UDP listener
     datagrams_dropped: Mapping[str, int] = attrs.field(factory=dict)  # per reason
+    admin_requests_dropped: Mapping[str, int] = attrs.field(factory=dict)  # per reason
 
 
 def _escape(value: str) -> str:
@@ -95,6 +96,12 @@ def render(snapshot: MetricsSnapshot) -> str:
             "counter",
             "UDP datagrams received and not echoed, by reason.",
             _labelled("reason", snapshot.datagrams_dropped),
+        ),
+        (
+            "admin_requests_dropped_total",
+            "counter",
+            "Admin port connections closed before their request head was complete, by reason.",
+            _labelled("reason", snapshot.admin_requests_dropped),
         ),
         ("bytes_received_total", "counter", "Bytes received from clients.", [("", snapshot.bytes_in)]),
         (

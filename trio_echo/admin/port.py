@@ -1,8 +1,13 @@
 """The admin port: one listener (a supervisor child of the server), HTTP and WebSocket on it.
 
-Every connection gets ``HANDSHAKE_TIMEOUT`` to send its request head (and finish a WebSocket handshake);
-at most ``admin.max_connections`` channels run at once (503 past that), and at most
-``SOCKET_SLACK`` more sockets may be waiting to be told so.
+Probes must keep answering whoever else connects, so a connection passes three bounded stages:
+
+1. **Head**: the request head must arrive whole within ``admin.header_timeout`` (408 and close past
+   it). At most ``admin.max_pending_requests`` connections may be in this stage: a new one beyond that
+   drops the oldest, so clients that dribble heads (or send none) cannot keep a fresh probe out.
+2. **Answer**: a plain HTTP answer is sent within ``RESPONSE_TIMEOUT`` and the connection closed.
+3. **Channel**: a WebSocket upgrade finishes its handshake within ``HANDSHAKE_TIMEOUT``; only these
+   count against ``admin.max_connections`` (503 past it).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from trio_echo.listeners import ListeningSocket, accept_loop, open_listeners
 
 from . import metrics, protocol
 from .channel import AdminChannel
-from .http import BadRequest, ReplayStream, read_request, respond
+from .http import BadRequest, ReplayStream, Request, read_request, request_timeout_answer, respond
 from .routing import ASSETS, AccessPolicy, decide
 from .token import configured_token, generate_token_file
 
@@ -36,9 +41,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("trio_echo.admin")
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # seconds for the WebSocket handshake, once the head is in
+RESPONSE_TIMEOUT = 10.0  # seconds to send a plain answer (a client that does not read loses it)
+TIMEOUT_ANSWER_PATIENCE = 1.0  # seconds to try telling a too-slow client 408
 MAX_MESSAGE = 64 * 1024  # larger admin messages close the channel with 1009
-SOCKET_SLACK = 16
+DROP_LOG_INTERVAL = 1.0  # at most one log line per second about dropped or timed-out heads
 
 
 def is_loopback(host: str | None) -> bool:
@@ -84,8 +91,13 @@ class AdminServer:
         self.token_path: str | None = config.token_file or None
         self.url: str | None = None
         self._channels = 0
-        self._sockets = 0
+        # The cancel scopes of connections still sending their head, oldest first (insertion order).
+        self._pending: dict[trio.CancelScope, None] = {}
         self._assets: dict[str, bytes] = {}
+        self.heads_dropped = 0  # pending heads dropped for a newer connection
+        self.heads_timed_out = 0  # heads not complete within header_timeout
+        self._last_drop_log = -DROP_LOG_INTERVAL
+        self._reported = (0, 0)
 
     def reconfigure(self, config: AdminConfig) -> None:
         """New origins, limits, stats interval and (if one is configured now) token; same address."""
@@ -97,7 +109,13 @@ class AdminServer:
 
     @property
     def channels(self) -> int:
+        """Admin channels (WebSocket sessions) open now."""
         return self._channels
+
+    @property
+    def pending(self) -> int:
+        """Connections still sending their request head."""
+        return len(self._pending)
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         if self._inherited is not None:
@@ -127,20 +145,20 @@ class AdminServer:
                     item.close()
 
     def _accepted(self, nursery: trio.Nursery, sock: socket.socket, _peer: object) -> None:
-        if self._sockets >= self.config.max_connections + SOCKET_SLACK:
-            sock.close()  # a flood: do not spend descriptors on telling it so
-            return
-        self._sockets += 1
-        nursery.start_soon(self._handle, as_stream(sock))
+        if len(self._pending) >= self.config.max_pending_requests:
+            # Full of unfinished heads: the oldest has had the longest to finish and goes first.
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            oldest.cancel()
+            self.heads_dropped += 1
+            self._log_drops()
+        head_scope = trio.CancelScope()
+        self._pending[head_scope] = None
+        nursery.start_soon(self._handle, as_stream(sock), head_scope)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream, head_scope: trio.CancelScope) -> None:
         try:
-            request = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                try:
-                    request = await read_request(stream)
-                except BadRequest as exc:
-                    await respond(stream, exc.connection, 400, f"bad request: {exc}\n".encode())
+            request = await self._read_head(stream, head_scope)
             if request is None:
                 return
             assert self.token is not None
@@ -158,22 +176,62 @@ class AdminServer:
             status, body, content_type = self._answer(
                 decision.kind, decision.status, decision.message, request.target
             )
-            await respond(
-                stream,
-                request.connection,
-                status,
-                body,
-                content_type=content_type,
-                head_only=request.method == "HEAD",
-            )
+            with trio.move_on_after(RESPONSE_TIMEOUT):
+                await respond(
+                    stream,
+                    request.connection,
+                    status,
+                    body,
+                    content_type=content_type,
+                    head_only=request.method == "HEAD",
+                )
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-answer
         except* Exception:
             # One admin client must never take the admin port down with it.
             logger.exception("admin connection failed")
         finally:
-            self._sockets -= 1
+            self._pending.pop(head_scope, None)
             await trio.aclose_forcefully(stream)
+
+    async def _read_head(self, stream: trio.SocketStream, scope: trio.CancelScope) -> Request | None:
+        """The request head, or None when the connection was answered (400, 408) or dropped (``scope``
+        cancelled for a newer connection)."""
+        with scope:
+            try:
+                with trio.fail_after(self.config.header_timeout):
+                    return await read_request(stream)
+            except BadRequest as exc:
+                self._pending.pop(scope, None)  # answering now: no longer a pending head
+                with trio.move_on_after(TIMEOUT_ANSWER_PATIENCE):
+                    await respond(stream, exc.connection, 400, f"bad request: {exc}\n".encode())
+                return None
+            except trio.TooSlowError:
+                self._pending.pop(scope, None)
+                self.heads_timed_out += 1
+                self._log_drops()
+                with trio.move_on_after(TIMEOUT_ANSWER_PATIENCE):
+                    await stream.send_all(request_timeout_answer())
+                return None
+            finally:
+                self._pending.pop(scope, None)
+        return None  # dropped for a newer connection (the scope was cancelled)
+
+    def _log_drops(self) -> None:
+        now = trio.current_time()
+        if now - self._last_drop_log < DROP_LOG_INTERVAL:
+            return
+        dropped = self.heads_dropped - self._reported[0]
+        timed_out = self.heads_timed_out - self._reported[1]
+        self._last_drop_log, self._reported = now, (self.heads_dropped, self.heads_timed_out)
+        logger.warning(
+            "admin port: %d connections dropped unfinished for newer ones (admin.max_pending_requests "
+            "= %d), %d request heads not complete within %g s, since the last report",
+            dropped,
+            self.config.max_pending_requests,
+            timed_out,
+            self.config.header_timeout,
+        )
 
     def _answer(self, kind: str, status: int, message: str, target: str) -> tuple[int, bytes, str]:
         text = "text/plain; charset=utf-8"
