@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import stat
@@ -19,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.conftest import make_config, port_of
+from trio_echo.admin import channel as admin_channel
+from trio_echo.admin import client as admin_client
 from trio_echo.admin import port as admin_port
 from trio_echo.errors import ConfigError
 from trio_echo.events import Flag
@@ -461,6 +464,14 @@ async def test_admin_command_line(runtime_dir) -> None:  # type: ignore[no-untyp
         listing = await cli(address, "connections")
         (item,) = json.loads(listing.stdout)
         assert item["bytes_in"] == 3
+        assert json.loads((await cli(address, "connections", "--filter", "no-such-peer")).stdout) == []
+        assert (
+            len(json.loads((await cli(address, "connections", "--limit", "1", "--sort", "rtt_us")).stdout))
+            == 1
+        )
+        bad_limit = await cli(address, "connections", "--limit", "0")
+        assert bad_limit.returncode == 2
+        assert b"must be >= 1" in bad_limit.stderr
         assert (
             await cli(address, "close", str(item["id"]))
         ).stdout == f"closed connection {item['id']}\n".encode()
@@ -481,6 +492,58 @@ async def test_admin_command_line(runtime_dir) -> None:  # type: ignore[no-untyp
     assert refused.returncode == 1
     assert b"trio-echo admin: " in refused.stderr
     assert refused.stderr.count(b"\n") == 1
+
+
+async def test_connection_list_pages_and_reads_tcp_info_only_for_the_page(
+    runtime_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    read_for: list[int] = []
+    real_tcp_info = admin_channel.tcp_info
+
+    def counting(info):  # type: ignore[no-untyped-def]
+        read_for.append(info.id)
+        return real_tcp_info(info)
+
+    monkeypatch.setattr(admin_channel, "tcp_info", counting)
+    async with admin_server() as server:
+        port = port_of(server.addresses[0])
+        clients = []
+        for index in range(23):
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(b"x" * (index + 1))
+            assert len(await client.receive_some(100)) == index + 1
+            clients.append(client)
+        async with channel(server) as ws:
+            first = await request(ws, {"type": "connections", "limit": 5}, "connections")
+            assert first["total"] == 23
+            assert [i["id"] for i in first["items"]] == sorted(
+                i["id"] for i in first["items"]
+            )  # oldest first
+            assert len(first["items"]) == 5
+            assert "rtt_us" in first["items"][0]
+            assert sorted(read_for) == sorted(i["id"] for i in first["items"])  # only the page's sockets
+            biggest = await request(
+                ws, {"type": "connections", "limit": 3, "sort": "bytes_in"}, "connections"
+            )
+            assert [i["bytes_in"] for i in biggest["items"]] == [23, 22, 21]
+            mine = clients[4].socket.getsockname()[1]
+            found = await request(ws, {"type": "connections", "filter": f":{mine}"}, "connections")
+            assert (found["total"], found["items"][0]["bytes_in"]) == (1, 5)
+            bad = await request(ws, {"type": "connections", "limit": 10**6}, "error")
+            assert bad["message"] == "connections: 'limit' must be an integer from 1 to 5000"
+        # the command line pages through everything (small pages here, to page at all)
+        monkeypatch.setattr(admin_client, "PAGE", 4)
+        out = io.StringIO()
+        address = server.admin_addresses[0]
+        assert await admin_client.run_command(address, admin_client.Command("connections"), out=out) == 0
+        listed = json.loads(out.getvalue())
+        assert sorted(i["id"] for i in listed) == sorted(server.stats.connections)
+        out = io.StringIO()
+        command = admin_client.Command("connections", limit=6, sort="bytes_out")
+        assert await admin_client.run_command(address, command, out=out) == 0
+        assert [i["bytes_out"] for i in json.loads(out.getvalue())] == [23, 22, 21, 20, 19, 18]
+        for client in clients:
+            await client.aclose()
 
 
 async def test_admin_trace_command_streams_json_lines(runtime_dir, caplog) -> None:  # type: ignore[no-untyped-def]

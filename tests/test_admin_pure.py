@@ -9,10 +9,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_echo.admin import protocol
+from trio_echo.admin.listing import select
 from trio_echo.admin.metrics import MetricsSnapshot, render
 from trio_echo.admin.routing import AccessPolicy, decide, host_allowed, origin_allowed, presented_token
 from trio_echo.admin.tcpinfo import SIZE, parse_tcp_info
 from trio_echo.events import Flag
+from trio_echo.stats import ConnectionInfo
 
 
 @pytest.mark.parametrize(
@@ -23,6 +25,42 @@ from trio_echo.events import Flag
         ('{"type":"subscribe","flags":5}', protocol.Subscribe(Flag.ERROR | Flag.CONN)),
         ('{"type":"unsubscribe"}', protocol.Unsubscribe()),
         ('{"type":"connections"}', protocol.ListConnections()),
+        (
+            '{"type":"connections","limit":5000,"offset":10,"sort":"rtt_us","filter":"127.0.0.2"}',
+            protocol.ListConnections(5000, 10, "rtt_us", "127.0.0.2"),
+        ),
+        (
+            '{"type":"connections","limit":0}',
+            protocol.Invalid("connections: 'limit' must be an integer from 1 to 5000"),
+        ),
+        (
+            '{"type":"connections","limit":5001}',
+            protocol.Invalid("connections: 'limit' must be an integer from 1 to 5000"),
+        ),
+        (
+            '{"type":"connections","limit":true}',
+            protocol.Invalid("connections: 'limit' must be an integer from 1 to 5000"),
+        ),
+        (
+            '{"type":"connections","offset":-1}',
+            protocol.Invalid("connections: 'offset' must be an integer >= 0"),
+        ),
+        (
+            '{"type":"connections","offset":1.5}',
+            protocol.Invalid("connections: 'offset' must be an integer >= 0"),
+        ),
+        (
+            '{"type":"connections","sort":"peer"}',
+            protocol.Invalid("connections: 'sort' must be one of age, bytes_in, bytes_out, rtt_us"),
+        ),
+        (
+            '{"type":"connections","sort":["age"]}',
+            protocol.Invalid("connections: 'sort' must be one of age, bytes_in, bytes_out, rtt_us"),
+        ),
+        (
+            '{"type":"connections","filter":7}',
+            protocol.Invalid("connections: 'filter' must be a string of at most 256 characters"),
+        ),
         ('{"type":"close","id":7}', protocol.CloseConnection(7)),
         ('{"type":"set_trace_flags","flags":"0x3"}', protocol.SetTraceFlags(Flag.ERROR | Flag.INFO)),
         ('{"type":"set_trace_flags","flags":""}', protocol.SetTraceFlags(Flag(0))),
@@ -202,3 +240,59 @@ def test_tcp_info() -> None:
         "snd_cwnd": 10,
     }
     assert parse_tcp_info(raw[:50]) == {}
+
+
+def listing_table() -> list[ConnectionInfo]:
+    """Six connections: ids 1..6 opened at t = 10, 20, ..., alternating listeners and peers."""
+    infos = []
+    for index in range(6):
+        info = ConnectionInfo(
+            index + 1,
+            f"127.0.0.{1 + index % 2}:{5000 + index}",
+            ":40007" if index % 3 else "unix:/run/e.sock",
+            10.0 * (index + 1),
+            buffer_size=16,
+        )
+        info.bytes_in = (index * 37) % 11
+        info.bytes_out = 100 - index
+        infos.append(info)
+    return infos
+
+
+@pytest.mark.parametrize(
+    ("query", "rtts", "total", "ids"),
+    [
+        (protocol.ListConnections(), None, 6, [1, 2, 3, 4, 5, 6]),  # age: the oldest first
+        (protocol.ListConnections(limit=2), None, 6, [1, 2]),
+        (protocol.ListConnections(limit=2, offset=2), None, 6, [3, 4]),
+        (protocol.ListConnections(limit=2, offset=5), None, 6, [6]),
+        (protocol.ListConnections(offset=6), None, 6, []),
+        (protocol.ListConnections(offset=600), None, 6, []),
+        # bytes_in = 0, 4, 8, 1, 5, 9 for ids 1..6
+        (protocol.ListConnections(sort="bytes_in"), None, 6, [6, 3, 5, 2, 4, 1]),
+        (protocol.ListConnections(sort="bytes_out", limit=3), None, 6, [1, 2, 3]),
+        (protocol.ListConnections(filter="127.0.0.2"), None, 3, [2, 4, 6]),
+        (protocol.ListConnections(filter="UNIX:"), None, 2, [1, 4]),  # case-insensitive, listener too
+        (protocol.ListConnections(filter=":5003"), None, 1, [4]),
+        (protocol.ListConnections(filter="nothing"), None, 0, []),
+        (protocol.ListConnections(filter="127.0.0.1", sort="bytes_in", limit=1), None, 3, [3]),
+        # equal rtts keep id order; unknown (-1) last
+        (
+            protocol.ListConnections(sort="rtt_us"),
+            {1: 50, 2: 900, 3: 50, 4: -1, 5: 7, 6: 900},
+            6,
+            [2, 6, 1, 3, 5, 4],
+        ),
+    ],
+)
+def test_connection_pages(
+    query: protocol.ListConnections, rtts: dict[int, int] | None, total: int, ids: list[int]
+) -> None:
+    rtt = (lambda info: rtts[info.id]) if rtts is not None else None
+    got_total, page = select(listing_table(), query, rtt=rtt)
+    assert (got_total, [info.id for info in page]) == (total, ids)
+
+
+def test_sorting_by_rtt_needs_the_rtts() -> None:
+    with pytest.raises(ValueError, match="rtt_us"):
+        select(listing_table(), protocol.ListConnections(sort="rtt_us"))

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from tests.conftest import make_config, port_of
+from trio_echo.events import Flag
 from trio_echo.server import EchoServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -63,6 +64,18 @@ def drive_browser(admin_url: str, token: str, echo_port: int, shots: Path) -> di
             rows = page.locator("#connections tbody tr[data-id]")
             rows.nth(2).wait_for(timeout=15_000)
             seen["rows"] = rows.count()
+            # the conn checkbox subscribes by itself: on a server with the default flags (error,info)
+            # the trace pane still shows each connection opening
+            page.locator("#trace", has_text="conn.open").wait_for(timeout=15_000)
+            seen["trace_text"] = page.locator("#trace").inner_text()
+            # the filter box asks the server for the matching page only
+            mine = clients[1].getsockname()[1]
+            page.locator("#conn-filter").fill(f":{mine}")
+            page.locator("#connections tbody tr[data-id]", has_text=f":{mine}").wait_for(timeout=15_000)
+            page.locator("#conn-count", has_text="(1)").wait_for(timeout=15_000)
+            seen["filtered_rows"] = page.locator("#connections tbody tr[data-id]").count()
+            page.locator("#conn-filter").fill("")
+            rows.nth(2).wait_for(timeout=15_000)
             points_before = chart_points(page)
             rows.first.locator("button.close").click()
             active.filter(has_text=re.compile("^2$")).wait_for(timeout=15_000)
@@ -99,7 +112,6 @@ async def test_dashboard_live_in_chromium(tmp_path: Path, monkeypatch: pytest.Mo
     config = make_config(
         server={"listen": ["127.0.0.1:0"]},
         admin={"listen": "127.0.0.1:0", "stats_interval": 0.2},
-        trace={"flags": "error,info,conn"},
     )
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
@@ -114,6 +126,9 @@ async def test_dashboard_live_in_chromium(tmp_path: Path, monkeypatch: pytest.Mo
             server.stop()
     assert seen["status"] == "live"
     assert seen["rows"] == 3
+    assert seen["filtered_rows"] == 1
+    assert "conn.open" in str(seen["trace_text"])
+    assert server.tracer.flags == Flag.ERROR | Flag.INFO  # the page changed no global flags
     assert seen["closed_client_eof"] is True
     assert isinstance(seen["points"], int)
     assert seen["points"] >= 3

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from ._version import __version__
 from .admin.client import main as admin_main
+from .admin.protocol import SORT_KEYS
 from .bench import add_arguments as add_bench_arguments
 from .bench import main as bench_main
 from .client import add_tls_arguments
@@ -98,13 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     actions = admin.add_subparsers(dest="action", required=True, parser_class=_Parser)
     actions.add_parser("stats", help="print the live counts once (JSON)")
-    actions.add_parser("connections", help="print the open connections (JSON)")
+    connections = actions.add_parser("connections", help="print the open connections (JSON), paging")
+    connections.add_argument("--limit", type=_positive_int, metavar="N", help="at most N (default: all)")
+    connections.add_argument(
+        "--sort", choices=SORT_KEYS, default="age", help="descending (age: oldest first)"
+    )
+    connections.add_argument("--filter", metavar="TEXT", help="only peers or listeners containing TEXT")
     close = actions.add_parser("close", help="close one connection gracefully")
     close.add_argument("id", type=int, metavar="ID")
     trace = actions.add_parser("trace", help="print trace events as JSON lines until interrupted")
     trace.add_argument("--flags", default="error,info,conn", metavar="F", help="e.g. error,conn or 0x5")
     trace.add_argument("-o", "--output", metavar="FILE", help="append events to FILE instead of stdout")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
 
 
 def load_config(path: str | None) -> Config:

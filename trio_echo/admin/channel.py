@@ -8,7 +8,6 @@ oldest events instead of queueing without bound.
 
 from __future__ import annotations
 
-import contextlib
 import socket as stdlib_socket
 import sys
 from typing import TYPE_CHECKING
@@ -22,10 +21,39 @@ from trio_echo.stats import ConnectionInfo
 from trio_echo.trace import Subscriber
 
 from . import protocol
+from .listing import select
 from .tcpinfo import SIZE, parse_tcp_info
 
 if TYPE_CHECKING:
     from trio_echo.server import EchoServer
+
+
+def _socket_of(info: ConnectionInfo) -> stdlib_socket.socket | trio.socket.SocketType | None:
+    sock: object = info.handle.stream if info.handle is not None else None
+    if isinstance(sock, trio.SocketStream):
+        sock = sock.socket
+    if isinstance(sock, stdlib_socket.socket | trio.socket.SocketType) and sock.family in (
+        stdlib_socket.AF_INET,
+        stdlib_socket.AF_INET6,
+    ):
+        return sock
+    return None
+
+
+def tcp_info(info: ConnectionInfo) -> dict[str, int]:
+    """TCP_INFO figures of the connection's socket (Linux TCP only; ``{}`` elsewhere)."""
+    sock = _socket_of(info)
+    if sys.platform != "linux" or sock is None:
+        return {}
+    try:
+        raw = sock.getsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_INFO, SIZE)
+    except OSError:  # it may be closing as we ask
+        return {}
+    return parse_tcp_info(raw)
+
+
+def rtt_of(info: ConnectionInfo) -> int:
+    return tcp_info(info).get("rtt_us", -1)
 
 
 def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
@@ -39,14 +67,7 @@ def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
     }
     if info.proxy:
         item["proxy"] = info.proxy
-    sock: object = info.handle.stream if info.handle is not None else None
-    if isinstance(sock, trio.SocketStream):
-        sock = sock.socket
-    if sys.platform == "linux" and isinstance(sock, stdlib_socket.socket | trio.socket.SocketType):
-        if sock.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
-            with contextlib.suppress(OSError):  # it may be closing as we ask
-                raw = sock.getsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_INFO, SIZE)
-                item.update(parse_tcp_info(raw))
+    item.update(tcp_info(info))
     return item
 
 
@@ -110,10 +131,12 @@ class AdminChannel:
             case protocol.Unsubscribe():
                 self._unsubscribe()
                 return protocol.reply("unsubscribe", ok=True)
-            case protocol.ListConnections():
+            case protocol.ListConnections() as query:
                 now = trio.current_time()
-                items = [connection_item(info, now) for info in list(server.stats.connections.values())]
-                return protocol.reply("connections", items=items)
+                connections = server.stats.connections.values()
+                total, page = select(connections, query, rtt=rtt_of if query.sort == "rtt_us" else None)
+                items = [connection_item(info, now) for info in page]
+                return protocol.reply("connections", items=items, total=total, offset=query.offset)
             case protocol.CloseConnection(id=conn_id):
                 if server.close_connection(conn_id, "admin"):
                     return protocol.reply("close", ok=True, id=conn_id)

@@ -11,9 +11,10 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TextIO
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
 
@@ -26,6 +27,25 @@ from .token import ENV_TOKEN, token_path, validate_token
 
 class AdminClientError(TrioEchoError):
     """Why an admin command failed, in one line."""
+
+
+PAGE = 1000  # connections per request while paging (a page of items stays far below MAX_RECEIVED)
+MAX_RECEIVED = 16 * 1024 * 1024  # the largest channel message this client accepts
+
+
+@attrs.frozen
+class Command:
+    """What to ask the admin port: ``stats``, ``connections``, ``close`` or ``trace``.
+
+    ``connections`` pages through every match of ``filter`` sorted by ``sort``, or stops at ``limit``.
+    """
+
+    action: str
+    conn_id: int | None = None
+    flags: str = "error,info,conn"
+    limit: int | None = None
+    sort: str = "age"
+    filter: str = ""
 
 
 def resolve_token(port: int, token_file: str | None, env: Mapping[str, str]) -> str:
@@ -43,10 +63,8 @@ def resolve_token(port: int, token_file: str | None, env: Mapping[str, str]) -> 
 
 async def run_command(
     address: str,
-    command: str,
+    command: Command,
     *,
-    conn_id: int | None = None,
-    flags: str = "error,info,conn",
     token_file: str | None = None,
     out: TextIO | None = None,
     env: Mapping[str, str] | None = None,
@@ -68,8 +86,10 @@ async def run_command(
     url = f"ws://{host}/ws"
     headers = [(b"authorization", f"Bearer {token}".encode())]
     try:
-        async with open_websocket_url(url, extra_headers=headers, connect_timeout=10) as ws:
-            return await _converse(ws, command, conn_id, flags, out)
+        async with open_websocket_url(
+            url, extra_headers=headers, connect_timeout=10, max_message_size=MAX_RECEIVED
+        ) as ws:
+            return await _converse(ws, command, out)
     except ConnectionRejected as exc:
         reason = {
             401: "wrong or missing admin token",
@@ -83,7 +103,7 @@ async def run_command(
         raise AdminClientError(f"the admin channel closed: {exc.reason}") from None
 
 
-async def _converse(ws: object, command: str, conn_id: int | None, flags: str, out: TextIO) -> int:
+async def _converse(ws: object, command: Command, out: TextIO) -> int:
     from trio_websocket import WebSocketConnection  # noqa: PLC0415 - for the type only
 
     assert isinstance(ws, WebSocketConnection)
@@ -99,32 +119,72 @@ async def _converse(ws: object, command: str, conn_id: int | None, flags: str, o
             if message["type"] in (reply, "error"):
                 return message
 
-    if command == "stats":
+    def failed(message: dict[str, object]) -> bool:
+        if message["type"] == "error":
+            print(f"trio-echo admin: {message['message']}", file=sys.stderr)
+            return True
+        return False
+
+    if command.action == "stats":
         while (message := await receive())["type"] != "stats":
             pass
         message.pop("type")
         print(json.dumps(message, indent=2), file=out)
         return 0
-    if command == "connections":
-        message = await ask({"type": "connections"}, "connections")
-        print(json.dumps(message.get("items", message), indent=2), file=out)
-        return 0
-    if command == "close":
-        message = await ask({"type": "close", "id": conn_id}, "close")
-        if message["type"] == "error":
-            print(f"trio-echo admin: {message['message']}", file=sys.stderr)
+    if command.action == "connections":
+        items = await _all_connections(ask, command)
+        if items is None:
             return 1
-        print(f"closed connection {conn_id}", file=out)
+        print(json.dumps(items, indent=2), file=out)
+        return 0
+    if command.action == "close":
+        if failed(await ask({"type": "close", "id": command.conn_id}, "close")):
+            return 1
+        print(f"closed connection {command.conn_id}", file=out)
         return 0
     # trace: until interrupted
-    message = await ask({"type": "subscribe", "flags": flags}, "subscribe")
-    if message["type"] == "error":
-        print(f"trio-echo admin: {message['message']}", file=sys.stderr)
+    if failed(await ask({"type": "subscribe", "flags": command.flags}, "subscribe")):
         return 2
     while True:
         message = await receive()
         if message["type"] == "trace":
             print(json.dumps(message["event"], separators=(",", ":")), file=out, flush=True)
+
+
+Ask = Callable[[dict[str, object], str], Awaitable[dict[str, object]]]
+
+
+async def _all_connections(ask: Ask, command: Command) -> list[object] | None:
+    """Page through the table (``offset`` steps of ``PAGE``) until ``total`` or ``limit`` is reached;
+    None (after one line on stderr) when the server refused the request. Connections that close
+    meanwhile shift later pages, so an id seen twice is listed once."""
+    items: list[object] = []
+    seen: set[object] = set()
+    offset = 0
+    wanted = command.limit
+    while wanted is None or len(items) < wanted:
+        size = PAGE if wanted is None else min(PAGE, wanted - len(items))
+        request = {"type": "connections", "limit": size, "offset": offset, "sort": command.sort}
+        if command.filter:
+            request["filter"] = command.filter
+        message = await ask(request, "connections")
+        if message["type"] == "error":
+            print(f"trio-echo admin: {message['message']}", file=sys.stderr)
+            return None
+        page = message.get("items")
+        total = message.get("total")
+        if not isinstance(page, list) or not isinstance(total, int):
+            print("trio-echo admin: the server's connections reply has no items/total", file=sys.stderr)
+            return None
+        for item in page:
+            key = item.get("id") if isinstance(item, dict) else None
+            if key not in seen:
+                seen.add(key)
+                items.append(item)
+        offset += len(page)
+        if not page or offset >= total:
+            break
+    return items if wanted is None else items[:wanted]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -137,9 +197,14 @@ def main(args: argparse.Namespace) -> int:
             functools.partial(
                 run_command,
                 args.address,
-                args.action,
-                conn_id=getattr(args, "id", None),
-                flags=getattr(args, "flags", "error,info,conn"),
+                Command(
+                    args.action,
+                    conn_id=getattr(args, "id", None),
+                    flags=getattr(args, "flags", "error,info,conn"),
+                    limit=getattr(args, "limit", None),
+                    sort=getattr(args, "sort", "age"),
+                    filter=getattr(args, "filter", "") or "",
+                ),
                 token_file=args.token_file,
                 out=out,
             )

@@ -28,9 +28,21 @@ class Unsubscribe:
     pass
 
 
+SORT_KEYS = ("age", "bytes_in", "bytes_out", "rtt_us")
+DEFAULT_LIMIT = 500
+MAX_LIMIT = 5000
+MAX_FILTER = 256
+
+
 @attrs.frozen
 class ListConnections:
-    pass
+    """One page of the connection table: ``limit`` items from ``offset``, of those whose peer or
+    listener contains ``filter``, sorted by ``sort`` descending (``age``: the oldest first)."""
+
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+    sort: str = "age"
+    filter: str = ""
 
 
 @attrs.frozen
@@ -73,13 +85,29 @@ def parse_request(text: str | bytes) -> Request:
     if kind == "unsubscribe":
         return Unsubscribe()
     if kind == "connections":
-        return ListConnections()
+        return _list_connections(data)
     if kind == "close":
         conn_id = data.get("id")
         if isinstance(conn_id, bool) or not isinstance(conn_id, int):
             return Invalid("close: 'id' must be an integer connection id")
         return CloseConnection(conn_id)
     return Invalid(f"unknown message type {kind!r} (known: {', '.join(KNOWN_TYPES)})")
+
+
+def _list_connections(data: Mapping[str, object]) -> ListConnections | Invalid:
+    limit = data.get("limit", DEFAULT_LIMIT)
+    offset = data.get("offset", 0)
+    sort = data.get("sort", "age")
+    needle = data.get("filter", "")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        return Invalid(f"connections: 'limit' must be an integer from 1 to {MAX_LIMIT}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        return Invalid("connections: 'offset' must be an integer >= 0")
+    if sort not in SORT_KEYS:
+        return Invalid(f"connections: 'sort' must be one of {', '.join(SORT_KEYS)}")
+    if not isinstance(needle, str) or len(needle) > MAX_FILTER:
+        return Invalid(f"connections: 'filter' must be a string of at most {MAX_FILTER} characters")
+    return ListConnections(limit, offset, str(sort), needle)
 
 
 def encode(message: Mapping[str, object]) -> str:
