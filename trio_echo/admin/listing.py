@@ -4,12 +4,16 @@ At 20,000 connections the admin channel must not cost the server a full listing 
 the page is chosen first (``heapq.nlargest`` keeps only ``offset + limit`` candidates), and the caller
 reads the expensive per-socket figures (TCP_INFO) only for the items returned. Sorting by ``rtt_us``
 is the exception: it needs every matching connection's round-trip time, which ``rtt`` supplies.
+The connection table is kept in opening order (a dict keeps insertion order, ids and opening times
+only grow), which is the default sort, oldest first: so the dashboard's unfiltered refresh is a slice
+that touches ``offset + limit`` entries, however many connections there are.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Collection
 
 from trio_echo.stats import ConnectionInfo
 
@@ -32,15 +36,20 @@ def _sort_key(sort: str, rtt: RttOf | None) -> Callable[[ConnectionInfo], tuple[
 
 
 def select(
-    connections: Iterable[ConnectionInfo], query: ListConnections, *, rtt: RttOf | None = None
+    connections: Collection[ConnectionInfo], query: ListConnections, *, rtt: RttOf | None = None
 ) -> tuple[int, list[ConnectionInfo]]:
     """``(total, page)``: how many connections match ``query.filter`` (a case-insensitive substring of
     the peer or the listener), and the page of them ``query`` asks for.
+
+    ``connections`` must be in opening order (the server's table is).
 
     ``rtt`` gives a connection's round-trip time in microseconds (-1 when unknown); it is needed only
     for ``sort = "rtt_us"``.
     """
     needle = query.filter.lower()
+    if not needle and query.sort == "age":
+        end = query.offset + query.limit
+        return len(connections), list(itertools.islice(connections, query.offset, end))
     if needle:
         matching = [c for c in connections if needle in c.peer.lower() or needle in c.listener.lower()]
     else:

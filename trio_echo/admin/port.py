@@ -45,6 +45,9 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds for the WebSocket handshake, once the head i
 RESPONSE_TIMEOUT = 10.0  # seconds to send a plain answer (a client that does not read loses it)
 TIMEOUT_ANSWER_PATIENCE = 1.0  # seconds to try telling a too-slow client 408
 MAX_MESSAGE = 64 * 1024  # larger admin messages close the channel with 1009
+# A connect storm must not overflow the accept queue: the kernel drops a SYN it has no room for, and
+# the probe behind it waits for its retransmission (1 s, then 3 s), however fast we answer.
+ADMIN_BACKLOG = 1024
 DROP_LOG_INTERVAL = 1.0  # at most one log line per second about dropped or timed-out heads
 
 
@@ -124,7 +127,7 @@ class AdminServer:
             sockets = [ListeningSocket(self._inherited, name)]
         else:
             address = parse_address(self.config.listen)
-            sockets = await open_listeners(address, backlog=64)
+            sockets = await open_listeners(address, backlog=ADMIN_BACKLOG)
         try:
             port = int(sockets[0].sock.getsockname()[1])
             if self.token is None:
