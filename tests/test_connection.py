@@ -379,3 +379,96 @@ async def test_a_quiet_connection_waits_instead_of_polling(pump: str) -> None:
             finally:
                 trio.lowlevel.remove_instrument(counter)
             conn.close("admin")
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """``size`` bytes no other seed produces at the same offsets (a mix-up shows as a mismatch)."""
+    block = bytes((seed * 31 + i * 7) % 251 for i in range(251))
+    return (block * (size // len(block) + 1))[:size]
+
+
+async def test_unsent_echo_survives_other_connections_reading_into_the_shared_buffer() -> None:
+    """The socket pumps read into one shared buffer; echo that the kernel would not take (EAGAIN) must
+    be copied out before the pump waits, or the next connection's read overwrites it. A client that
+    pauses reading gets exactly its own bytes back after another client moved 64 KiB messages."""
+    stalled_client, stalled_end = make_pair("shared", lockstep=True)  # tiny kernel buffers: EAGAIN soon
+    busy_client, busy_end = make_pair("shared")
+    stalled = connection(stalled_end, size=1 << 16, linger_timeout=0)
+    busy = connection(busy_end, size=1 << 16, linger_timeout=0)
+    mine = pattern(1, 48 * 1024)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stalled.run)
+            nursery.start_soon(busy.run)
+            nursery.start_soon(stalled_client.send_all, mine)  # and not reading yet
+            await trio.testing.wait_all_tasks_blocked()
+            assert stalled.session.unsent > 0  # its echo is pending, the pump waits to write
+            for round_ in range(4):
+                message = pattern(100 + round_, 1 << 16)
+                await busy_client.send_all(message)
+                got = bytearray()
+                while len(got) < len(message):
+                    got += await busy_client.receive_some(1 << 16)
+                assert got == message
+            got = bytearray()
+            while len(got) < len(mine):
+                got += await stalled_client.receive_some(1 << 16)
+            assert bytes(got) == mine  # its own bytes, not the busy client's
+            stalled.close("admin")
+            busy.close("admin")
+
+
+async def test_a_connection_the_kernel_never_stalls_still_yields_and_obeys_close() -> None:
+    """With input always ready and room to send, the kernel never says EAGAIN: the socket pump must
+    still checkpoint every FAIR_SHARE operations, so another connection is served meanwhile and a
+    close takes effect within a bounded amount of echo."""
+    hog_client, hog_end = make_pair("shared")
+    raw_client = _opened[-1]  # the client's stdlib socket (trio's wrapper is non-blocking already)
+    for sock in (raw_client, hog_end):  # room for megabytes each way (AF_UNIX: the sender's buffer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    # Queue the input before the pump starts, so it is there whether or not the client task runs.
+    queued = 0
+    with contextlib.suppress(BlockingIOError):
+        while queued < 1 << 21:
+            queued += raw_client.send(bytes(16384))
+    assert queued >= 1 << 18  # enough for a step without checkpoints to show
+    hog = connection(hog_end, size=1024, linger_timeout=0)  # reads of at most 1 KiB
+    other_client, other_end = make_pair("shared")
+    other = connection(other_end, size=1024, linger_timeout=0)
+    per_step: list[int] = []
+    before = [0]
+
+    class BytesPerStep(trio.abc.Instrument):
+        """Bytes the hog echoes in one task step (between two checkpoints)."""
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name == "hog":
+                before[0] = hog.session.bytes_out
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name == "hog":
+                per_step.append(hog.session.bytes_out - before[0])
+
+    other_served_at: list[int] = []
+    closed_at: list[int] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            trio.lowlevel.add_instrument(counter := BytesPerStep())
+            try:
+                await other_client.send_all(b"me too")  # waiting for service before the hog starts
+                nursery.start_soon(hog.run, name="hog")
+                nursery.start_soon(other.run)
+                assert await other_client.receive_some(100) == b"me too"
+                other_served_at.append(hog.session.bytes_out)
+                hog.close("admin")
+                asked_at = hog.session.bytes_out
+                while hog_end.fileno() >= 0:  # noqa: ASYNC110 - until the hog's pump has closed it
+                    await trio.sleep(0)
+                closed_at.append(hog.session.bytes_out - asked_at)
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            other.close("admin")
+    # FAIR_SHARE (32) operations of at most 1 KiB each between checkpoints
+    assert max(per_step) <= 64 * 1024, max(per_step)
+    assert other_served_at[0] < queued  # served while the hog still had input
+    assert closed_at[0] <= 64 * 1024  # the close took effect at the next checkpoint
