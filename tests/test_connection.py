@@ -11,7 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_echo.connection import Connection, ConnectionPolicy, close_gracefully, refuse
+from trio_echo.closing import close_gracefully, refuse
+from trio_echo.connection import Connection, ConnectionPolicy
 from trio_echo.echo import EchoSession
 from trio_echo.events import Event, Flag
 from trio_echo.stats import ConnectionInfo

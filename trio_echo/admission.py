@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 from .config import LimitsConfig
 from .ratelimit import MAX_SOURCES, SourceTable, TokenBucket
+from .reasons import Reason
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -73,26 +74,31 @@ class Admission:
         self.connect_rate = limits.max_connect_rate_per_ip
         self._buckets.clear()
 
-    def admit(self, ip: str | None, active: int, now: float) -> str | None:
-        """Decide on a new connection from ``ip`` (None for a Unix peer) while ``active`` are open.
+    def full(self, held: int) -> bool:
+        """Whether ``held`` connections (everything holding a descriptor: clients, PROXY headers being
+        read, health checks) leave no room for one more."""
+        return held >= self.max_connections
+
+    def admit(self, ip: str | None, held: int, now: float) -> Reason | None:
+        """Decide on a new connection from ``ip`` (None for a Unix peer) while ``held`` are open.
 
         Returns None when admitted (and counts it), else the refusal reason: ``max_connections``,
         ``denied``, ``connect_rate`` or ``per_ip``.
         """
-        if active >= self.max_connections:
-            return "max_connections"
+        if self.full(held):
+            return Reason.MAX_CONNECTIONS
         if ip is None:
             return None
         address, key = source_of(ip)
         if not self.permits(address):
-            return "denied"
+            return Reason.DENIED
         if self.connect_rate:
             bucket = self._buckets.get(key, now)
             if bucket is None or not bucket.take(now):
-                return "connect_rate"
+                return Reason.CONNECT_RATE
         count = self.per_source.get(key, 0)
         if self.max_per_source and count >= self.max_per_source:
-            return "per_ip"
+            return Reason.PER_IP
         self.per_source[key] = count + 1
         return None
 

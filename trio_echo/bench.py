@@ -27,7 +27,7 @@ from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 from .addresses import Address, parse_address
 from .benchmodel import PERIOD, Pattern, Tally, report, summary_line
 from .client import MAX_DATAGRAM, ClientError, add_tls_arguments, connect, connect_datagram, tls_context
-from .errors import AddressError
+from .errors import AddressError, leaves
 
 MAX_LATENCY_US = 3_600_000_000  # an hour: anything slower is recorded as this
 DRAIN_TIMEOUT = 10.0  # after the run: how long to wait for the last echoes and the server's EOF
@@ -125,7 +125,7 @@ class Run:
         # (except*: in stream mode failures come out of a nursery, wrapped in a group, and sender and
         # receiver may both fail; a connection counts one error, the most telling kind)
         except* (trio.BrokenResourceError, _Failed) as group:
-            kinds = [leaf.kind if isinstance(leaf, _Failed) else "reset" for leaf in _leaves(group)]
+            kinds = [leaf.kind if isinstance(leaf, _Failed) else "reset" for leaf in leaves(group)]
             self.tally.errors[min(kinds, key=FAILURE_PRIORITY.index)] += 1
 
     async def _pingpong(
@@ -264,12 +264,6 @@ class Run:
 
 
 FAILURE_PRIORITY = ("mismatch", "eof", "timeout", "reset")
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
 
 
 class _Failed(Exception):

@@ -21,11 +21,11 @@ from collections.abc import Callable
 import trio
 
 from .addresses import format_sockaddr
-from .connection import FAIR_SHARE
 from .events import Flag
 from .stats import DatagramCounts
 from .trace import Tracer
 
+FAIR_SHARE = 32  # datagrams between checkpoints while the socket always has more (as the TCP pump)
 RECEIVE_BUFFER = 65535  # larger than any UDP payload over IPv4 or (non-jumbo) IPv6: never truncated
 LOOP_PORTS = frozenset({0, 7, 13, 17, 19, 37})
 # recvfrom failures about an earlier reply (an ICMP error queued on the socket), not about this socket;

@@ -67,3 +67,11 @@ class SupervisorGaveUp(TrioEchoError):
             f"supervisor gave up: child {child!r} needed more than {max_restarts} restarts "
             f"in {period:g} s{because}"
         )
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``, exception groups (nested any deep) flattened; ``[error]`` for
+    a plain exception. The one unwrapper of the package (nurseries wrap what their tasks raise)."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]

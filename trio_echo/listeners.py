@@ -260,3 +260,8 @@ async def accept_loop(listener: ListeningSocket, on_accept: OnAccept) -> None:
         if batch >= ACCEPT_BATCH:  # a flood of connects must not starve the connections
             batch = 0
             await trio.lowlevel.checkpoint()
+
+
+def as_stream(sock: stdlib_socket.socket) -> trio.SocketStream:
+    """Wrap an accepted stdlib socket for the paths that are not hot (closing, refusing, admin, TLS)."""
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))

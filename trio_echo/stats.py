@@ -13,6 +13,7 @@ from typing import Protocol
 import attrs
 
 from .echo import EchoSession
+from .reasons import Reason
 
 
 class Handle(Protocol):
@@ -22,7 +23,7 @@ class Handle(Protocol):
     def stream(self) -> object:
         """The client stream or socket (I/O code reports on it: TCP_INFO)."""
 
-    def close(self, reason: str) -> None: ...
+    def close(self, reason: Reason) -> None: ...
 
 
 class ConnectionInfo(EchoSession):

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import trio
 
-from .errors import SupervisorGaveUp
+from .errors import SupervisorGaveUp, leaves
 from .events import Flag
 from .restarts import (
     ExitKind,
@@ -300,6 +300,9 @@ class Supervisor:
 
 
 def _describe(error: BaseException | None) -> str:
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return f"{type(error).__name__}: {error}" if error is not None else "no error"
+    if error is None:
+        return "no error"
+    inner = leaves(error)
+    if len(inner) == 1:  # a group of one (a nursery's wrapping): name what is inside
+        error = inner[0]
+    return f"{type(error).__name__}: {error}"

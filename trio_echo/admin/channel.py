@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import socket as stdlib_socket
 import sys
-from typing import TYPE_CHECKING
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trio_echo._version import __version__
 from trio_echo.events import format_flags
+from trio_echo.reasons import Reason
 from trio_echo.stats import ConnectionInfo
 from trio_echo.trace import Subscriber
 
 from . import protocol
 from .listing import select
 from .tcpinfo import SIZE, parse_tcp_info
-
-if TYPE_CHECKING:
-    from trio_echo.server import EchoServer
+from .view import ServerView
 
 
 def _socket_of(info: ConnectionInfo) -> stdlib_socket.socket | trio.socket.SocketType | None:
@@ -72,7 +70,7 @@ def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
 
 
 class AdminChannel:
-    def __init__(self, ws: WebSocketConnection, server: EchoServer, stats_interval: float) -> None:
+    def __init__(self, ws: WebSocketConnection, server: ServerView, stats_interval: float) -> None:
         self._ws = ws
         self._server = server
         self._interval = stats_interval
@@ -138,7 +136,7 @@ class AdminChannel:
                 items = [connection_item(info, now) for info in page]
                 return protocol.reply("connections", items=items, total=total, offset=query.offset)
             case protocol.CloseConnection(id=conn_id):
-                if server.close_connection(conn_id, "admin"):
+                if server.close_connection(conn_id, Reason.ADMIN):
                     return protocol.reply("close", ok=True, id=conn_id)
                 return protocol.error(f"close: no open connection with id {conn_id}")
             case protocol.SetTraceFlags(flags=flags):

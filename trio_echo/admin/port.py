@@ -19,25 +19,22 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
+import attrs
 import trio
 from trio_websocket import wrap_server_stream
 
 from trio_echo.addresses import format_host_port, format_sockaddr, parse_address
 from trio_echo.config import AdminConfig
-from trio_echo.connection import as_stream
 from trio_echo.errors import ConfigError
-from trio_echo.listeners import ListeningSocket, accept_loop, open_listeners
+from trio_echo.listeners import ListeningSocket, accept_loop, as_stream, open_listeners
 
 from . import metrics, protocol
 from .channel import AdminChannel
 from .http import BadRequest, ReplayStream, Request, read_request, request_timeout_answer, respond
 from .routing import ASSETS, AccessPolicy, decide
 from .token import configured_token, generate_token_file
-
-if TYPE_CHECKING:
-    from trio_echo.server import EchoServer
+from .view import ServerView
 
 logger = logging.getLogger("trio_echo.admin")
 
@@ -72,7 +69,7 @@ class AdminServer:
 
     def __init__(
         self,
-        server: EchoServer,
+        server: ServerView,
         config: AdminConfig,
         env: Mapping[str, str] | None = None,
         *,
@@ -248,7 +245,14 @@ class AdminServer:
         if kind == "auth":
             return 204, b"", text
         if kind == "metrics":
-            return 200, metrics.render(server.metrics_snapshot()).encode(), metrics.CONTENT_TYPE
+            snapshot = attrs.evolve(
+                server.metrics_snapshot(),
+                admin_requests_dropped={
+                    "pending_full": self.heads_dropped,
+                    "header_timeout": self.heads_timed_out,
+                },
+            )
+            return 200, metrics.render(snapshot).encode(), metrics.CONTENT_TYPE
         path = target.split("?", 1)[0]
         name, content_type = ASSETS[path]
         return 200, self._asset(name), content_type
