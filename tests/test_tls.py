@@ -16,9 +16,10 @@ import trio.testing
 import trustme
 
 from tests.conftest import make_config, needs_ipv6, port_of, running_server
-from trio_echo.connection import Connection, ConnectionPolicy
+from trio_echo.connection import Connection
 from trio_echo.echo import EchoSession
 from trio_echo.errors import ConfigError
+from trio_echo.policy import ConnectionPolicy
 from trio_echo.server import EchoServer
 
 

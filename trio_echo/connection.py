@@ -5,16 +5,15 @@ always ends with a lingering close. Transport errors are translated into a close
 one edge. There are two pumps with one behaviour (the same test suite runs against both):
 
 * the **stream pump** works on any ``trio.abc.Stream`` (in-memory streams, TLS, a ``SocketStream``);
-* the **socket pump** is the hot path for accepted TCP and Unix sockets. Its synchronous half,
-  :meth:`Connection._advance`, calls ``recv_into`` on one reused buffer and ``send`` directly on the
-  non-blocking socket for as long as the kernel allows, and returns what to wait for (a :class:`Wait`);
-  ``run`` does that one await and calls it again. So the task's only frame while it waits is ``run``
-  itself (each coroutine frame in the await chain costs every idle connection a few hundred bytes).
-  It checkpoints every ``FAIR_SHARE`` operations so a busy connection can neither starve the others
-  nor ignore cancellation. When a read comes up short (the kernel's buffer is empty) it yields once
-  and reads again before it waits: on a busy server the answer has usually arrived while the other
-  connections ran, which saves trio's readiness wait (a quarter of the CPU per round trip with 50
-  connections in ping-pong); on an idle one it costs one failed read per message.
+* the **socket pump** is the hot path for accepted TCP and Unix sockets. Its synchronous half
+  (:mod:`trio_echo.pump`) calls ``recv_into`` on one reused buffer and ``send`` directly on the
+  non-blocking socket for as long as the kernel allows, and returns what to wait for; ``run`` does that
+  one await and calls it again. It checkpoints every ``FAIR_SHARE`` operations so a busy connection
+  can neither starve the others nor ignore cancellation. When a read comes up short (the kernel's
+  buffer is empty) it yields once and reads again before it waits: on a busy server the answer has
+  usually arrived while the other connections ran, which saves trio's readiness wait (a quarter of the
+  CPU per round trip with 50 connections in ping-pong); on an idle one it costs one failed read per
+  message.
 
 Timeouts (the rules are in :mod:`trio_echo.timeouts`): the connection runs in a cancel scope whose
 deadline is what limits the current await. The stream pump re-arms the deadline before each await (a
@@ -27,32 +26,22 @@ twice per chunk, and an idle one is still closed at exactly ``last activity + id
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
-import math
 import socket
 import ssl
-from collections.abc import Callable
 
-import attrs
 import trio
 
-from . import timeouts
 from .closing import close_gracefully
-from .config import LimitsConfig
-from .echo import EchoSession, Step
+from .echo import Step
 from .events import Flag
 from .listeners import as_stream
-from .ratelimit import TokenBucket
+from .pump import SocketPump, Wait
 from .reasons import Phase, Reason
-from .stats import ConnectionInfo
-from .trace import Tracer
 
 logger = logging.getLogger("trio_echo.connection")
 
-_NOTHING = memoryview(b"")
-FAIR_SHARE = 32  # socket-pump operations between checkpoints when the kernel never says EAGAIN
 # recv/send/shutdown failures that mean the peer is gone: reset, unreachable after retransmissions or
 # keepalive probes, or (ENOTCONN from shutdown) torn down by a reset we had not read yet.
 PEER_GONE_ERRNOS = frozenset(
@@ -68,74 +57,7 @@ PEER_GONE_ERRNOS = frozenset(
 )
 
 
-class Wait(enum.Enum):
-    """What the socket pump waits for before it can go on."""
-
-    READABLE = enum.auto()
-    WRITABLE = enum.auto()
-    YIELD = enum.auto()  # nothing: let the other tasks run (fair share, or the early read)
-    THROTTLE = enum.auto()  # the bandwidth cap's pause (``Connection._delay`` seconds)
-    DONE = enum.auto()  # the session is over
-
-
-def _off_is_inf(value: float) -> float:
-    return value or math.inf
-
-
-@attrs.frozen(eq=False)
-class ConnectionPolicy:
-    """What every connection of one server shares: one object, not eight slots per connection.
-
-    Args:
-        idle_timeout, send_timeout, max_lifetime, linger_timeout: seconds, 0 = off.
-        max_bytes_per_second: the echo bandwidth cap, 0 = off.
-        tls_handshake_timeout: seconds a TLS client gets to complete its handshake.
-        tracer: per-chunk ``data`` events go here when some sink wants that flag.
-        scratch: a read buffer of at least ``session.buffer_size`` bytes shared by the socket pumps of one
-            event loop. Between ``recv_into`` and ``send`` nothing awaits, so connections can share it;
-            echo left unsent when the kernel says EAGAIN is copied out first (``EchoSession.detach``).
-            Without it the pump allocates a private buffer when its first byte arrives.
-        on_close: called as ``on_close(connection, reason)`` once the stream is closed (the server's
-            bookkeeping; one function for every connection, so none holds a closure).
-    """
-
-    idle_timeout: float = attrs.field(default=0.0, converter=_off_is_inf)
-    send_timeout: float = attrs.field(default=0.0, converter=_off_is_inf)
-    max_lifetime: float = 0.0
-    linger_timeout: float = 0.0
-    max_bytes_per_second: int = 0
-    tls_handshake_timeout: float = 10.0
-    tracer: Tracer | None = None
-    scratch: memoryview | None = None
-    on_close: Callable[[Connection, Reason], None] | None = None
-
-    @classmethod
-    def from_limits(
-        cls,
-        limits: LimitsConfig,
-        *,
-        tracer: Tracer | None = None,
-        scratch: memoryview | None = None,
-        on_close: Callable[[Connection, Reason], None] | None = None,
-    ) -> ConnectionPolicy:
-        """The ``[limits]`` section's timeouts and bandwidth cap, with these hooks."""
-        return cls(
-            idle_timeout=limits.idle_timeout,
-            send_timeout=limits.send_timeout,
-            max_lifetime=limits.max_lifetime,
-            linger_timeout=limits.linger_timeout,
-            max_bytes_per_second=limits.max_bytes_per_second,
-            tls_handshake_timeout=limits.tls_handshake_timeout,
-            tracer=tracer,
-            scratch=scratch,
-            on_close=on_close,
-        )
-
-
-DEFAULT_POLICY = ConnectionPolicy()
-
-
-class Connection:
+class Connection(SocketPump):
     """One client connection.
 
     Args:
@@ -146,70 +68,7 @@ class Connection:
         policy: limits and hooks shared with the server's other connections.
     """
 
-    __slots__ = (
-        "_activity",
-        "_bucket",
-        "_buffer",
-        "_delay",
-        "_drained",
-        "_early_read",
-        "_lifetime_deadline",
-        "_ops",
-        "_phase",
-        "_read_cap",
-        "close_reason",
-        "policy",
-        "scope",
-        "session",
-        "stream",
-    )
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream | socket.socket,
-        session: EchoSession,
-        policy: ConnectionPolicy = DEFAULT_POLICY,
-    ) -> None:
-        self.stream = stream
-        self.session = session
-        self.policy = policy
-        self.scope = trio.CancelScope()
-        self.close_reason: Reason | None = None
-        now = trio.current_time()
-        self._lifetime_deadline = now + policy.max_lifetime if policy.max_lifetime else math.inf
-        self._phase = Phase.IDLE
-        # Bandwidth cap: a token bucket of one second's worth; reads are capped to that size so the
-        # echo flows evenly instead of in buffer-sized bursts followed by long pauses.
-        rate = policy.max_bytes_per_second
-        self._bucket = TokenBucket(rate, rate, now) if rate else None
-        self._read_cap = min(session.buffer_size, rate or session.buffer_size)
-        self._activity = now
-        self._buffer: memoryview | None = None  # socket pump: allocated when the first byte arrives
-        # Socket pump state between two waits:
-        self._ops = 0  # operations since the last checkpoint
-        # A read now would only say EAGAIN: wait (or first yield) before reading. Without a shared
-        # buffer, the first read waits for readiness too, so an idle connection holds no buffer.
-        self._drained = policy.scratch is None
-        self._early_read = True  # after the next short read, yield and read again before waiting
-        self._delay = 0.0  # the bandwidth pause Wait.THROTTLE stands for
-
-    @property
-    def info(self) -> ConnectionInfo | None:
-        """The connection's table entry, when its session is one (for ``policy.on_close``)."""
-        session = self.session
-        return session if isinstance(session, ConnectionInfo) else None
-
-    @property
-    def conn_id(self) -> int:
-        """The table id (trace events name the connection by it); 0 outside a server's table."""
-        info = self.info
-        return info.id if info is not None else 0
-
-    def close(self, reason: Reason) -> None:
-        """Ask the connection to stop echoing and close gracefully; the first reason given wins."""
-        if self.close_reason is None:
-            self.close_reason = reason
-        self.scope.cancel()
+    __slots__ = ()
 
     async def run(self) -> Reason:
         """Echo until the session is done or the connection is closed; return the close reason.
@@ -280,102 +139,6 @@ class Connection:
                 Flag.ERROR, "error", conn_id=self.conn_id, message="connection handler failed"
             )
 
-    # -- the socket pump (synchronous half) -----------------------------------------------------------
-
-    def _advance(self, sock: socket.socket) -> Wait:
-        """Echo as far as the kernel allows without waiting; return what to wait for."""
-        session = self.session
-        while (step := session.next_step()) is not Step.DONE:
-            self._ops += 1
-            if step is Step.RECEIVE:
-                wait = self._receive_and_echo(sock)
-                if wait is not None:
-                    return wait
-            elif step is Step.SEND:
-                try:
-                    sent = sock.send(session.outgoing)
-                except BlockingIOError:
-                    # The client is not reading: from now on send_timeout limits the wait, and the
-                    # unsent echo must leave the shared buffer before anyone else reads into it.
-                    session.detach()
-                    self._arm(self.policy.send_timeout, Phase.SEND)
-                    return Wait.WRITABLE
-                session.sent(sent)
-                self._trace_data(sent=sent)
-            else:  # Step.SEND_EOF
-                sock.shutdown(socket.SHUT_WR)
-                session.sent_eof()
-        return Wait.DONE
-
-    def _receive_and_echo(self, sock: socket.socket) -> Wait | None:
-        """Read and echo until an echo does not go out whole or the client's EOF arrives (None: the
-        session has its next step), or until the pump must wait: the steady state, with no
-        ``next_step`` round between chunks."""
-        session = self.session
-        cap = self._read_cap
-        while True:
-            bucket = self._bucket
-            if bucket is not None and (delay := bucket.delay(trio.current_time())) > 0:
-                # Our own pause is not the client's idleness: only the lifetime limit applies meanwhile.
-                self._phase = Phase.THROTTLE
-                self.scope.deadline = self._lifetime_deadline
-                self._delay = delay
-                return Wait.THROTTLE
-            if self._drained:
-                # A read now would only say EAGAIN (the last one returned less than asked). Let the
-                # other tasks run first: on a busy server this client has often answered by then, and
-                # a read that succeeds saves trio's readiness wait (two epoll_ctl calls, a wakeup).
-                # Only if that read says EAGAIN too, wait for readiness.
-                self._drained = False
-                self._ops = 0
-                if self._phase is not Phase.IDLE:
-                    self._rearm_idle()
-                has_buffer = self.policy.scratch is not None or self._buffer is not None
-                return Wait.YIELD if self._early_read and has_buffer else Wait.READABLE
-            if self._ops >= FAIR_SHARE:  # (no echo is pending in the buffer)
-                self._ops = 0
-                return Wait.YIELD
-            buffer = self.policy.scratch or self._buffer
-            if buffer is None:  # back from the first readiness wait: bytes are there now
-                buffer = self._buffer = memoryview(bytearray(cap))
-            self._ops += 1
-            try:
-                count = sock.recv_into(buffer, cap)
-            except BlockingIOError:
-                self._early_read = False  # nothing yet: wait for readiness
-                self._drained = True
-                continue
-            self._early_read = True
-            self._drained = 0 < count < cap
-            self._activity = now = trio.lowlevel.current_clock().current_time()
-            if bucket is not None:
-                bucket.debit(now, count)
-            self._trace_data(received=count)
-            if not count:
-                session.received(_NOTHING)  # the client's EOF
-                return None
-            data = buffer[:count]
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent < count:
-                # The rest goes through the SEND step, which waits (and first copies it out of the
-                # shared buffer) on EAGAIN.
-                session.received(data)
-                session.sent(sent)
-                if sent:
-                    self._trace_data(sent=sent)
-                return None
-            session.echoed(count)
-            self._trace_data(sent=sent)
-
-    def _trace_data(self, **counts: int) -> None:
-        """A per-chunk ``conn.data`` event, when some sink wants the ``data`` flag."""
-        tracer = self.policy.tracer
-        if tracer is not None and tracer.data:
-            tracer.emit(Flag.DATA, "conn.data", conn_id=self.conn_id, **counts)
-
     # -- the stream pump ------------------------------------------------------------------------------
 
     async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> bool:
@@ -403,9 +166,7 @@ class Connection:
                 self._trace_data(sent=len(data))
             elif step is Step.RECEIVE:
                 bucket = self._bucket
-                if bucket is not None and (delay := bucket.delay(trio.current_time())) > 0:
-                    self._phase = Phase.THROTTLE  # our own pause: only the lifetime applies
-                    self.scope.deadline = self._lifetime_deadline
+                if bucket is not None and (delay := self._pause(bucket)) > 0:
                     await trio.sleep(delay)
                 self._arm(self.policy.idle_timeout, Phase.IDLE)
                 chunk = await stream.receive_some(self._read_cap)
@@ -420,31 +181,6 @@ class Connection:
                 session.sent_eof()
             else:
                 return
-
-    # -- deadlines ------------------------------------------------------------------------------------
-
-    def _idle_deadline(self) -> float:
-        return timeouts.deadline(self._activity, self.policy.idle_timeout, self._lifetime_deadline)
-
-    def _arm(self, timeout: float, phase: Phase) -> None:
-        self._phase = phase
-        self.scope.deadline = timeouts.deadline(trio.current_time(), timeout, self._lifetime_deadline)
-
-    def _rearm_idle(self) -> None:
-        """Back from sending or throttling, before waiting for input: the idle deadline must be
-        exact again."""
-        self._activity = trio.current_time()
-        self._arm(self.policy.idle_timeout, Phase.IDLE)
-
-    def _expired(self, *, lazy: bool) -> Reason | None:
-        """Why the scope fired, or None when a lazy idle deadline fired early (carry on)."""
-        return timeouts.expired(
-            trio.current_time(),
-            close_reason=self.close_reason,
-            lifetime_deadline=self._lifetime_deadline,
-            phase=self._phase,
-            idle_deadline=self._activity + self.policy.idle_timeout if lazy else None,
-        )
 
     # -- closing --------------------------------------------------------------------------------------
 

@@ -25,10 +25,11 @@ import trio
 from .addresses import format_host_port, format_sockaddr
 from .admission import Admission, in_any, source_of
 from .closing import refuse
-from .connection import Connection, ConnectionPolicy
+from .connection import Connection
 from .echo import EchoSession
 from .events import Flag
 from .listeners import ListeningSocket, as_stream
+from .policy import ConnectionPolicy
 from .proxied import receive_header
 from .proxyproto import ProxyHeader
 from .reasons import Reason

@@ -29,8 +29,9 @@ import trio
 import trio.testing
 
 from .config import Config, config_from_mapping
-from .connection import Connection, ConnectionPolicy
+from .connection import Connection
 from .echo import EchoSession
+from .policy import ConnectionPolicy
 from .server import EchoServer
 from .stats import Stats
 

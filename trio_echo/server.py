@@ -16,9 +16,7 @@ first and then gives handlers a deadline)::
 
 from __future__ import annotations
 
-import functools
 import logging
-import socket as stdlib_socket
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -26,17 +24,15 @@ import trio
 
 from ._version import __version__
 from .activation import Inherited
-from .addresses import format_sockaddr
 from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
-from .admission import Admission, source_of
-from .config import Config, ListenerConfig
-from .datagrams import echo_datagrams
+from .admission import Admission
+from .config import Config
 from .errors import SupervisorGaveUp, leaves
 from .events import Flag
 from .intake import Intake
-from .listeners import ListeningSocket, accept_loop, open_listeners
-from .ratelimit import SourceBudget
+from .listeners import ListeningSocket
+from .listening import Listeners, adopted_label
 from .reasons import Reason
 from .restarts import Restart
 from .runtime import Settings, restart_required
@@ -85,7 +81,7 @@ class EchoServer:
         self._inherited = inherited or Inherited()
         self.settings = Settings.from_config(config, max_connections)
         self.intake = Intake(self.settings, self.stats, self.tracer, self._tls(self.settings))
-        self._budget = _budget(config)
+        self.listeners = Listeners(self.intake, self.stats, self.tracer)
         admin_socket = self._inherited.admin
         self.admin = (
             AdminServer(self, config.admin, inherited=admin_socket)
@@ -96,12 +92,12 @@ class EchoServer:
             TraceFile(config.trace.file, config.trace.file_max_bytes) if config.trace.file else None
         )
         if self._inherited.echo:
-            adopted = [(_adopted_label(sock), sock) for sock in self._inherited.echo]
+            adopted = [(adopted_label(sock), sock) for sock in self._inherited.echo]
             self._listener_names = [label for label, _ in adopted]
-            children = [self._adopted_child(label, sock) for label, sock in adopted]
+            children = [self.listeners.adopted_child(label, sock) for label, sock in adopted]
         else:
             self._listener_names = [entry.label for entry in config.server.listen]
-            children = [self._listener_child(entry) for entry in config.server.listen]
+            children = [self.listeners.child(entry) for entry in config.server.listen]
         if self.admin is not None:
             children.append(ChildSpec(ADMIN_CHILD, self.admin.run, Restart.PERMANENT))
         self.supervisor = Supervisor(
@@ -233,7 +229,7 @@ class EchoServer:
         tls_context = self._tls(settings)
         self.settings = settings
         self.intake.configure(settings, tls_context)
-        self._budget = _budget(config)
+        self.listeners.configure(config)
         self.tracer.flags = config.trace.flags
         if self.admin is not None and "admin.listen" not in needs_restart:
             self.admin.reconfigure(config.admin)
@@ -250,7 +246,7 @@ class EchoServer:
             if label not in self._listener_names:
                 self._listener_names.append(label)
                 self.stats.listeners[label]  # shows at 0 from now on
-                await self.supervisor.start_child(self._listener_child(entry))
+                await self.supervisor.start_child(self.listeners.child(entry))
 
     # -- running --------------------------------------------------------------------------------------
 
@@ -310,85 +306,6 @@ class EchoServer:
         if self.stats.active or intake.health_checks:
             await intake.quiet.wait()  # each close is bounded by linger_timeout
 
-    # -- listeners (supervisor children) --------------------------------------------------------------
-
-    def _listener_child(self, entry: ListenerConfig) -> ChildSpec:
-        async def opened() -> list[ListeningSocket]:
-            return await open_listeners(
-                entry.address,
-                backlog=entry.backlog or self.config.server.backlog,
-                socket_buffer=self.config.limits.socket_buffer,
-            )
-
-        run = functools.partial(self._listen, entry.label, opened, owned=True, why=entry.label)
-        return ChildSpec(entry.label, run, Restart.PERMANENT)
-
-    def _adopted_child(self, label: str, sock: stdlib_socket.socket) -> ChildSpec:
-        """A listener systemd opened: it stays open across restarts of this child (it is systemd's; the
-        server closes its own copy when it stops)."""
-
-        async def opened() -> list[ListeningSocket]:
-            await trio.lowlevel.checkpoint()
-            return [ListeningSocket(sock, format_sockaddr(sock.getsockname()))]
-
-        run = functools.partial(self._listen, label, opened, owned=False, why="socket activation")
-        return ChildSpec(label, run, Restart.PERMANENT)
-
-    async def _listen(
-        self, label: str, opened: Opener, *, owned: bool, why: str, task_status: trio.TaskStatus[list[str]]
-    ) -> None:
-        sockets = await opened()
-        try:
-            datagram = [item.sock.type == stdlib_socket.SOCK_DGRAM for item in sockets]
-            names = [
-                f"udp://{item.name}" if udp else item.name
-                for item, udp in zip(sockets, datagram, strict=True)
-            ]
-            for name in names:
-                logger.info("listening on %s (%s)", name, why)
-            self.tracer.emit(Flag.INFO, "listener.up", listener=label, addresses=names)
-            task_status.started(names)
-            async with trio.open_nursery() as nursery:
-                for item, udp in zip(sockets, datagram, strict=True):
-                    if udp:
-                        nursery.start_soon(self._echo_datagrams, label, item.sock)
-                    else:
-                        nursery.start_soon(
-                            accept_loop, item, functools.partial(self.intake.accepted, label, item)
-                        )
-        finally:
-            if owned:
-                for item in sockets:
-                    item.close()
-            self.tracer.emit(Flag.INFO, "listener.down", listener=label)
-
-    async def _echo_datagrams(self, label: str, sock: stdlib_socket.socket) -> None:
-        await echo_datagrams(
-            sock,
-            verdict=self._datagram_verdict,
-            counts=self.stats.datagrams[label],
-            dropped=self.stats.dropped,
-            tracer=self.tracer,
-            listener=label,
-        )
-
-    def _datagram_verdict(self, ip: str, size: int) -> str | None:
-        """UDP: whether to echo a datagram of ``size`` bytes from ``ip`` (None) or why not."""
-        address, source = source_of(ip)
-        if not self.admission.permits(address):
-            return "denied"
-        return self._budget.allow(source, size, trio.current_time())
-
     @staticmethod
     def _tls(settings: Settings) -> ssl.SSLContext | None:
         return server_context(settings.config.tls) if settings.uses_tls else None
-
-
-def _adopted_label(sock: stdlib_socket.socket) -> str:
-    name = format_sockaddr(sock.getsockname())
-    return f"udp://{name}" if sock.type == stdlib_socket.SOCK_DGRAM else name
-
-
-def _budget(config: Config) -> SourceBudget:
-    limits = config.limits
-    return SourceBudget(limits.max_datagrams_per_second_per_ip, limits.max_datagram_bytes_per_second_per_ip)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
@@ -47,85 +47,105 @@ def _labelled(label: str, values: Mapping[str, int]) -> list[tuple[str, float]]:
     return [(f'{{{label}="{_escape(key)}"}}', value) for key, value in sorted(values.items())]
 
 
+Samples = Callable[[MetricsSnapshot], list[tuple[str, float]]]
+
+# Every family /metrics shows: name (after trio_echo_), type, help, and its samples from a snapshot.
+FAMILIES: tuple[tuple[str, str, str, Samples], ...] = (
+    (
+        "connections_active",
+        "gauge",
+        "Client connections open now.",
+        lambda snapshot: _labelled("listener", snapshot.active),
+    ),
+    (
+        "connections_total",
+        "counter",
+        "Client connections accepted since start.",
+        lambda snapshot: _labelled("listener", snapshot.total),
+    ),
+    (
+        "connections_closed_total",
+        "counter",
+        "Client connections closed, by reason.",
+        lambda snapshot: _labelled("reason", snapshot.closed),
+    ),
+    (
+        "connections_refused_total",
+        "counter",
+        "Client connections refused, by reason.",
+        lambda snapshot: _labelled("reason", snapshot.refused),
+    ),
+    (
+        "proxy_health_checks_total",
+        "counter",
+        "Connections a load balancer opened for itself (PROXY v2 LOCAL); not counted as clients.",
+        lambda snapshot: _labelled("listener", snapshot.health_checks),
+    ),
+    (
+        "datagrams_received_total",
+        "counter",
+        "UDP datagrams received.",
+        lambda snapshot: _labelled("listener", snapshot.datagrams_in),
+    ),
+    (
+        "datagrams_sent_total",
+        "counter",
+        "UDP datagrams echoed.",
+        lambda snapshot: _labelled("listener", snapshot.datagrams_out),
+    ),
+    (
+        "datagrams_dropped_total",
+        "counter",
+        "UDP datagrams received and not echoed, by reason.",
+        lambda snapshot: _labelled("reason", snapshot.datagrams_dropped),
+    ),
+    (
+        "admin_requests_dropped_total",
+        "counter",
+        "Admin port connections closed before their request head was complete, by reason.",
+        lambda snapshot: _labelled("reason", snapshot.admin_requests_dropped),
+    ),
+    (
+        "bytes_received_total",
+        "counter",
+        "Bytes received from clients.",
+        lambda snapshot: [("", snapshot.bytes_in)],
+    ),
+    (
+        "bytes_sent_total",
+        "counter",
+        "Bytes sent to clients (echo, greetings, farewells).",
+        lambda snapshot: [("", snapshot.bytes_out)],
+    ),
+    (
+        "supervisor_restarts_total",
+        "counter",
+        "Restarts of supervised tasks, by child.",
+        lambda snapshot: _labelled("child", snapshot.restarts),
+    ),
+    (
+        "trace_dropped_total",
+        "counter",
+        "Trace events dropped by slow subscribers.",
+        lambda snapshot: [("", snapshot.trace_dropped)],
+    ),
+    (
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the server started.",
+        lambda snapshot: [("", float(snapshot.uptime))],
+    ),
+    (
+        "build_info",
+        "gauge",
+        "Build information.",
+        lambda snapshot: [(f'{{version="{_escape(snapshot.version)}"}}', 1)],
+    ),
+)
+
+
 def render(snapshot: MetricsSnapshot) -> str:
-    families: list[tuple[str, str, str, list[tuple[str, float]]]] = [
-        (
-            "connections_active",
-            "gauge",
-            "Client connections open now.",
-            _labelled("listener", snapshot.active),
-        ),
-        (
-            "connections_total",
-            "counter",
-            "Client connections accepted since start.",
-            _labelled("listener", snapshot.total),
-        ),
-        (
-            "connections_closed_total",
-            "counter",
-            "Client connections closed, by reason.",
-            _labelled("reason", snapshot.closed),
-        ),
-        (
-            "connections_refused_total",
-            "counter",
-            "Client connections refused, by reason.",
-            _labelled("reason", snapshot.refused),
-        ),
-        (
-            "proxy_health_checks_total",
-            "counter",
-            "Connections a load balancer opened for itself (PROXY v2 LOCAL); not counted as clients.",
-            _labelled("listener", snapshot.health_checks),
-        ),
-        (
-            "datagrams_received_total",
-            "counter",
-            "UDP datagrams received.",
-            _labelled("listener", snapshot.datagrams_in),
-        ),
-        (
-            "datagrams_sent_total",
-            "counter",
-            "UDP datagrams echoed.",
-            _labelled("listener", snapshot.datagrams_out),
-        ),
-        (
-            "datagrams_dropped_total",
-            "counter",
-            "UDP datagrams received and not echoed, by reason.",
-            _labelled("reason", snapshot.datagrams_dropped),
-        ),
-        (
-            "admin_requests_dropped_total",
-            "counter",
-            "Admin port connections closed before their request head was complete, by reason.",
-            _labelled("reason", snapshot.admin_requests_dropped),
-        ),
-        ("bytes_received_total", "counter", "Bytes received from clients.", [("", snapshot.bytes_in)]),
-        (
-            "bytes_sent_total",
-            "counter",
-            "Bytes sent to clients (echo, greetings, farewells).",
-            [("", snapshot.bytes_out)],
-        ),
-        (
-            "supervisor_restarts_total",
-            "counter",
-            "Restarts of supervised tasks, by child.",
-            _labelled("child", snapshot.restarts),
-        ),
-        (
-            "trace_dropped_total",
-            "counter",
-            "Trace events dropped by slow subscribers.",
-            [("", snapshot.trace_dropped)],
-        ),
-        ("uptime_seconds", "gauge", "Seconds since the server started.", [("", float(snapshot.uptime))]),
-        ("build_info", "gauge", "Build information.", [(f'{{version="{_escape(snapshot.version)}"}}', 1)]),
-    ]
     lines: list[str] = []
-    for name, kind, help_text, samples in families:
-        lines += _family(f"trio_echo_{name}", kind, help_text, samples)
+    for name, kind, help_text, samples in FAMILIES:
+        lines += _family(f"trio_echo_{name}", kind, help_text, samples(snapshot))
     return "\n".join(lines) + "\n"
