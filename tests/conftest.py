@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from trio_echo.config import Config, config_from_mapping
+from trio_echo.config import Config
+from trio_echo.configfile import config_from_mapping
 from trio_echo.server import EchoServer
 
 pytest_plugins = ["pytester"]

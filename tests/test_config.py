@@ -5,15 +5,8 @@ import attrs
 import pytest
 
 from trio_echo.addresses import Address
-from trio_echo.config import (
-    Config,
-    LimitsConfig,
-    ListenerConfig,
-    config_from_mapping,
-    config_from_toml,
-    config_to_toml,
-    with_overrides,
-)
+from trio_echo.config import Config, LimitsConfig, ListenerConfig
+from trio_echo.configfile import config_from_mapping, config_from_toml, config_to_toml, with_overrides
 from trio_echo.errors import ConfigError
 from trio_echo.events import Flag
 

@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trio_echo import cli
-from trio_echo.config import _SECTIONS, Config, config_from_toml
+from trio_echo.config import SECTIONS, Config
+from trio_echo.configfile import config_from_toml
 from trio_echo.errors import ConfigError
 
-SECTION_KEYS = {name: [f.name for f in attrs.fields(cls)] for name, cls in _SECTIONS.items()}
+SECTION_KEYS = {name: [f.name for f in attrs.fields(cls)] for name, cls in SECTIONS.items()}
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

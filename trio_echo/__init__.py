@@ -13,7 +13,8 @@ Library use::
 
 from ._version import __version__
 from .addresses import Address, parse_address
-from .config import Config, config_from_toml
+from .config import Config
+from .configfile import config_from_toml
 from .connection import Connection
 from .echo import EchoSession, Step
 from .errors import AddressError, ConfigError, ListenerError, SupervisorGaveUp, TrioEchoError

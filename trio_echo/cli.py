@@ -12,11 +12,13 @@ from typing import Any, NoReturn
 from ._version import __version__
 from .admin.client import main as admin_main
 from .admin.protocol import SORT_KEYS
-from .bench import add_arguments as add_bench_arguments
-from .bench import main as bench_main
+from .benchcli import add_arguments as add_bench_arguments
+from .benchcli import main as bench_main
+from .benchcli import positive_int
 from .client import add_tls_arguments
 from .client import main as client_main
-from .config import Config, config_from_toml, config_to_toml, with_overrides
+from .config import Config
+from .configfile import config_from_toml, config_to_toml, with_overrides
 from .daemon import EXIT_OK, EXIT_USAGE, raise_nofile_limit, run
 from .errors import ConfigError
 from .logsetup import configure_logging
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = admin.add_subparsers(dest="action", required=True, parser_class=_Parser)
     actions.add_parser("stats", help="print the live counts once (JSON)")
     connections = actions.add_parser("connections", help="print the open connections (JSON), paging")
-    connections.add_argument("--limit", type=_positive_int, metavar="N", help="at most N (default: all)")
+    connections.add_argument("--limit", type=positive_int, metavar="N", help="at most N (default: all)")
     connections.add_argument(
         "--sort", choices=SORT_KEYS, default="age", help="descending (age: oldest first)"
     )
@@ -111,16 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--flags", default="error,info,conn", metavar="F", help="e.g. error,conn or 0x5")
     trace.add_argument("-o", "--output", metavar="FILE", help="append events to FILE instead of stdout")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
-    return value
 
 
 def load_config(path: str | None) -> Config:

@@ -28,7 +28,8 @@ import pytest
 import trio
 import trio.testing
 
-from .config import Config, config_from_mapping
+from .config import Config
+from .configfile import config_from_mapping
 from .connection import Connection
 from .echo import EchoSession
 from .policy import ConnectionPolicy
