@@ -157,3 +157,17 @@ def test_token_bucket(ops: list[tuple[float, str, float]], expected: list[object
 def test_token_bucket_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         TokenBucket(0, 1, 0)
+
+
+def test_release_counts_down_one_connection_at_a_time() -> None:
+    gate = admission(max_connections_per_ip=3)
+    for held in range(3):
+        assert gate.admit("2001:db8::1", held, 0.0) is None
+    key = "2001:db8::/64"
+    assert gate.per_source == {key: 3}
+    gate.release("2001:db8::2")  # the same /64
+    assert gate.per_source == {key: 2}
+    gate.release("2001:db8::1")
+    assert gate.per_source == {key: 1}
+    gate.release("2001:db8::1")
+    assert gate.per_source == {}

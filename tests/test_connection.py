@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import socket
 
 import pytest
@@ -13,6 +14,7 @@ import trio.lowlevel
 import trio.testing
 
 from trio_echo.closing import close_gracefully, refuse
+from trio_echo.config import LimitsConfig
 from trio_echo.connection import Connection
 from trio_echo.echo import EchoSession
 from trio_echo.events import Event, Flag
@@ -475,3 +477,32 @@ async def test_a_connection_the_kernel_never_stalls_still_yields_and_obeys_close
     assert max(per_step) <= 64 * 1024, max(per_step)
     assert other_served_at[0] < queued  # served while the hog still had input
     assert closed_at[0] <= 64 * 1024  # the close took effect at the next checkpoint
+
+
+def test_policy_from_limits_takes_every_limit_and_hook() -> None:
+    limits = LimitsConfig(
+        idle_timeout=1.5,
+        send_timeout=2.5,
+        max_lifetime=3.5,
+        linger_timeout=4.5,
+        max_bytes_per_second=6,
+        tls_handshake_timeout=7.5,
+    )
+    tracer = Tracer(Flag.ERROR)
+    scratch = memoryview(bytearray(8))
+
+    def on_close(conn: Connection, reason: str) -> None:
+        pass
+
+    policy = ConnectionPolicy.from_limits(limits, tracer=tracer, scratch=scratch, on_close=on_close)
+    assert (
+        policy.idle_timeout,
+        policy.send_timeout,
+        policy.max_lifetime,
+        policy.linger_timeout,
+        policy.max_bytes_per_second,
+        policy.tls_handshake_timeout,
+    ) == (1.5, 2.5, 3.5, 4.5, 6, 7.5)
+    assert (policy.tracer, policy.scratch, policy.on_close) == (tracer, scratch, on_close)
+    off = ConnectionPolicy.from_limits(LimitsConfig(idle_timeout=0, send_timeout=0))
+    assert (off.idle_timeout, off.send_timeout) == (math.inf, math.inf)  # 0 means off

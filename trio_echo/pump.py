@@ -127,7 +127,9 @@ class SocketPump:
                     self._arm(self.policy.send_timeout, Phase.SEND)
                     return Wait.WRITABLE
                 session.sent(sent)
-                self._trace_data(sent=sent)
+                tracer = self.policy.tracer
+                if tracer is not None and tracer.data:
+                    self._trace_data(sent=sent)
             else:  # Step.SEND_EOF
                 sock.shutdown(socket.SHUT_WR)
                 session.sent_eof()
@@ -139,6 +141,10 @@ class SocketPump:
         ``next_step`` round between chunks."""
         session = self.session
         cap = self._read_cap
+        # Read once per call, not per chunk: each call or dict built here is paid for every chunk.
+        clock = trio.lowlevel.current_clock()
+        tracer = self.policy.tracer
+        traced = tracer is not None and tracer.data
         while True:
             bucket = self._bucket
             if bucket is not None and (delay := self._pause(bucket)) > 0:
@@ -170,10 +176,11 @@ class SocketPump:
                 continue
             self._early_read = True
             self._drained = 0 < count < cap
-            self._activity = now = trio.lowlevel.current_clock().current_time()
+            self._activity = now = clock.current_time()
             if bucket is not None:
                 bucket.debit(now, count)
-            self._trace_data(received=count)
+            if traced:
+                self._trace_data(received=count)
             if not count:
                 session.received(_NOTHING)  # the client's EOF
                 return None
@@ -187,11 +194,12 @@ class SocketPump:
                 # shared buffer) on EAGAIN.
                 session.received(data)
                 session.sent(sent)
-                if sent:
+                if sent and traced:
                     self._trace_data(sent=sent)
                 return None
             session.echoed(count)
-            self._trace_data(sent=sent)
+            if traced:
+                self._trace_data(sent=sent)
 
     def _pause(self, bucket: TokenBucket) -> float:
         """Seconds the bandwidth cap wants before the next read (0: none). Our own pause is not the
