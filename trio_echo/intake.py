@@ -29,7 +29,7 @@ from .connection import Connection
 from .echo import EchoSession
 from .events import Flag
 from .listeners import ListeningSocket, as_stream
-from .policy import ConnectionPolicy
+from .policy import Closed, ConnectionPolicy
 from .proxied import receive_header
 from .proxyproto import ProxyHeader
 from .reasons import Reason
@@ -212,7 +212,7 @@ class Intake:
             conn.close(Reason.DRAIN)
         self.handlers.start_soon(conn.run, name=CONNECTION_TASK)
 
-    def _closed(self, conn: Connection, reason: Reason) -> None:
+    def _closed(self, conn: Closed, reason: Reason) -> None:
         info = conn.info
         assert info is not None
         self.stats.close(info, reason)
@@ -231,7 +231,7 @@ class Intake:
             )
         self._check_quiet()
 
-    def _health_check_closed(self, conn: Connection, _reason: Reason) -> None:
+    def _health_check_closed(self, conn: Closed, _reason: Reason) -> None:
         del self.health_checks[conn.session]
         self._check_quiet()
 

@@ -7,16 +7,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 
 from .config import LimitsConfig
+from .echo import EchoSession
 from .reasons import Reason
+from .stats import ConnectionInfo
 from .trace import Tracer
 
-if TYPE_CHECKING:
-    from .connection import Connection
+
+class Closed(Protocol):
+    """What ``on_close`` learns of the connection that closed (a ``Connection``)."""
+
+    @property
+    def session(self) -> EchoSession: ...
+
+    @property
+    def info(self) -> ConnectionInfo | None: ...
+
+
+OnClose = Callable[[Closed, Reason], None]
 
 
 def _off_is_inf(value: float) -> float:
@@ -48,7 +60,7 @@ class ConnectionPolicy:
     tls_handshake_timeout: float = 10.0
     tracer: Tracer | None = None
     scratch: memoryview | None = None
-    on_close: Callable[[Connection, Reason], None] | None = None
+    on_close: OnClose | None = None
 
     @classmethod
     def from_limits(
@@ -57,7 +69,7 @@ class ConnectionPolicy:
         *,
         tracer: Tracer | None = None,
         scratch: memoryview | None = None,
-        on_close: Callable[[Connection, Reason], None] | None = None,
+        on_close: OnClose | None = None,
     ) -> ConnectionPolicy:
         """The ``[limits]`` section's timeouts and bandwidth cap, with these hooks."""
         return cls(
