@@ -8,7 +8,7 @@ into the totals once. Readers (admin channel, metrics, systemd STATUS) take :met
 from __future__ import annotations
 
 import collections
-from typing import Protocol
+from typing import NotRequired, Protocol, TypedDict, Unpack
 
 import attrs
 
@@ -26,6 +26,14 @@ class Handle(Protocol):
     def close(self, reason: Reason) -> None: ...
 
 
+class SessionOptions(TypedDict):
+    """The echo session's settings, as keyword arguments (see :class:`~trio_echo.echo.EchoSession`)."""
+
+    buffer_size: int
+    greeting: NotRequired[bytes]
+    farewell: NotRequired[bytes]
+
+
 class ConnectionInfo(EchoSession):
     """One live connection: its echo session (whose byte counts the table shows) plus who it is.
 
@@ -37,17 +45,9 @@ class ConnectionInfo(EchoSession):
     __slots__ = ("handle", "id", "ip", "listener", "opened", "peer", "proxy")
 
     def __init__(
-        self,
-        id: int,
-        peer: str,
-        listener: str,
-        opened: float,
-        *,
-        buffer_size: int,
-        greeting: bytes = b"",
-        farewell: bytes = b"",
+        self, id: int, peer: str, listener: str, opened: float, **session: Unpack[SessionOptions]
     ) -> None:
-        super().__init__(buffer_size, greeting, farewell)
+        super().__init__(session["buffer_size"], session.get("greeting", b""), session.get("farewell", b""))
         self.id = id
         self.peer = peer
         self.listener = listener
@@ -95,20 +95,11 @@ class Stats:
     _next_id: int = 1
 
     def open(
-        self,
-        *,
-        peer: str,
-        listener: str,
-        now: float,
-        buffer_size: int,
-        greeting: bytes = b"",
-        farewell: bytes = b"",
+        self, *, peer: str, listener: str, now: float, **session: Unpack[SessionOptions]
     ) -> ConnectionInfo:
         """Register a new connection and return its table entry, which is also its echo session (ids
         start at 1, never reused)."""
-        info = ConnectionInfo(
-            self._next_id, peer, listener, now, buffer_size=buffer_size, greeting=greeting, farewell=farewell
-        )
+        info = ConnectionInfo(self._next_id, peer, listener, now, **session)
         self._next_id += 1
         self.connections[info.id] = info
         self.total += 1
