@@ -45,6 +45,7 @@ class SocketPump:
         "_activity",
         "_bucket",
         "_buffer",
+        "_clock",
         "_delay",
         "_drained",
         "_early_read",
@@ -52,6 +53,7 @@ class SocketPump:
         "_ops",
         "_phase",
         "_read_cap",
+        "_receiving",
         "close_reason",
         "policy",
         "scope",
@@ -87,6 +89,10 @@ class SocketPump:
         self._drained = policy.scratch is None
         self._early_read = True  # after the next short read, yield and read again before waiting
         self._delay = 0.0  # the bandwidth pause Wait.THROTTLE stands for
+        # The last wait came from the receive loop: resume it directly (nothing changed the session
+        # while the task waited), without a next_step round.
+        self._receiving = False
+        self._clock = trio.lowlevel.current_clock()  # clock.current_time(): trio.current_time minus 2 calls
 
     @property
     def info(self) -> ConnectionInfo | None:
@@ -110,12 +116,18 @@ class SocketPump:
 
     def _advance(self, sock: socket.socket) -> Wait:
         """Echo as far as the kernel allows without waiting; return what to wait for."""
+        if self._receiving:
+            wait = self._receive_and_echo(sock)
+            if wait is not None:
+                return wait
+            self._receiving = False
         session = self.session
         while (step := session.next_step()) is not Step.DONE:
             self._ops += 1
             if step is Step.RECEIVE:
                 wait = self._receive_and_echo(sock)
                 if wait is not None:
+                    self._receiving = True
                     return wait
             elif step is Step.SEND:
                 try:
@@ -142,7 +154,7 @@ class SocketPump:
         session = self.session
         cap = self._read_cap
         # Read once per call, not per chunk: each call or dict built here is paid for every chunk.
-        clock = trio.lowlevel.current_clock()
+        clock = self._clock
         tracer = self.policy.tracer
         traced = tracer is not None and tracer.data
         while True:
