@@ -63,9 +63,9 @@ async def echo_datagrams(
             await trio.lowlevel.wait_readable(sock)
             continue
         except OSError as exc:
-            if exc.errno in STALE_ERRNOS:
-                continue
-            raise
+            if exc.errno not in STALE_ERRNOS:
+                raise
+            continue  # an ICMP error about an earlier reply: this socket is fine
         counts.received += 1
         counts.bytes_in += size
         reason = "loop_port" if peer[1] in LOOP_PORTS else verdict(peer[0], size)
