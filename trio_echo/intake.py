@@ -14,7 +14,6 @@ reads of the configuration is one :class:`~trio_echo.runtime.Settings`, swapped 
 from __future__ import annotations
 
 import functools
-import logging
 import socket as stdlib_socket
 import ssl
 import sys
@@ -36,8 +35,6 @@ from .reasons import Reason
 from .runtime import Settings
 from .stats import ConnectionInfo, Stats
 from .trace import Tracer
-
-logger = logging.getLogger("trio_echo.intake")
 
 # TCP keepalive on accepted sockets (PRODUCT.md): first probe after 60 s idle, then every 10 s, 5 probes.
 KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 5))

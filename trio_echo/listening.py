@@ -25,7 +25,7 @@ from .stats import Stats
 from .supervisor import ChildSpec
 from .trace import Tracer
 
-logger = logging.getLogger("trio_echo.server")
+logger = logging.getLogger("trio_echo.server")  # the logger these lines had before the split
 
 Opener = Callable[[], Awaitable[list[ListeningSocket]]]
 

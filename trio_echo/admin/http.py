@@ -69,19 +69,21 @@ async def read_request(stream: trio.abc.Stream) -> Request:
             raise BadRequest("expected a request", connection)
 
 
+def _headers(body: bytes, content_type: str) -> list[tuple[str, str]]:
+    """Every answer's headers: one response per connection, then close."""
+    return [
+        ("content-type", content_type),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+        *SECURITY_HEADERS,
+    ]
+
+
 def request_timeout_answer() -> bytes:
     """A complete ``408 Request Timeout`` answer, for a client whose head never finished (h11 sends
     responses only to requests it has seen, so this one is written by hand)."""
     body = b"request head not received in time\n"
-    head = "".join(
-        f"{name}: {value}\r\n"
-        for name, value in [
-            ("content-type", "text/plain; charset=utf-8"),
-            ("content-length", str(len(body))),
-            ("connection", "close"),
-            *SECURITY_HEADERS,
-        ]
-    )
+    head = "".join(f"{name}: {value}\r\n" for name, value in _headers(body, "text/plain; charset=utf-8"))
     return b"HTTP/1.1 408 Request Timeout\r\n" + head.encode("ascii") + b"\r\n" + body
 
 
@@ -96,13 +98,7 @@ async def respond(
     extra_headers: list[tuple[str, str]] | None = None,
 ) -> None:
     """Send one complete response; the connection is closed afterwards (``connection: close``)."""
-    headers = [
-        ("content-type", content_type),
-        ("content-length", str(len(body))),
-        ("connection", "close"),
-        *SECURITY_HEADERS,
-        *(extra_headers or []),
-    ]
+    headers = [*_headers(body, content_type), *(extra_headers or [])]
     phrase = HTTPStatus(status).phrase.encode()
     data = connection.send(h11.Response(status_code=status, headers=headers, reason=phrase)) or b""
     if body and not head_only:

@@ -191,7 +191,6 @@ class AdminServer:
             # One admin client must never take the admin port down with it.
             logger.exception("admin connection failed")
         finally:
-            self._pending.pop(head_scope, None)
             await trio.aclose_forcefully(stream)
 
     async def _read_head(self, stream: trio.SocketStream, scope: trio.CancelScope) -> Request | None:
