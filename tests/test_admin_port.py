@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.conftest import make_config, port_of
-from trio_echo.admin import channel as admin_channel
+from trio_echo.admin import table as admin_table
 from trio_echo.admin import client as admin_client
 from trio_echo.admin import port as admin_port
 from trio_echo.errors import ConfigError
@@ -498,13 +498,13 @@ async def test_connection_list_pages_and_reads_tcp_info_only_for_the_page(
     runtime_dir, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     read_for: list[int] = []
-    real_tcp_info = admin_channel.tcp_info
+    real_tcp_info = admin_table.tcp_info
 
     def counting(info):  # type: ignore[no-untyped-def]
         read_for.append(info.id)
         return real_tcp_info(info)
 
-    monkeypatch.setattr(admin_channel, "tcp_info", counting)
+    monkeypatch.setattr(admin_table, "tcp_info", counting)
     async with admin_server() as server:
         port = port_of(server.addresses[0])
         clients = []

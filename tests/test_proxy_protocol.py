@@ -11,7 +11,7 @@ import trustme
 
 from tests.conftest import make_config, running_server
 from tests.test_server import connect
-from trio_echo.admin.channel import connection_item
+from trio_echo.admin.table import connection_item
 from trio_echo.admin.metrics import render
 from trio_echo.events import Event, Flag
 from trio_echo.proxied import PROXY_HEADER_TIMEOUT

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "HOST:PORT, [V6]:PORT, :PORT, unix:/path",
     )
     serve.add_argument("--admin", metavar="ADDR|off", help="admin port address, or 'off'")
+    serve.add_argument(
+        "--workers", metavar="N|auto", help="worker processes (default 1; auto: one per usable CPU)"
+    )
 
     check = commands.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("path", metavar="PATH")
@@ -151,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = args.config or os.environ.get("TRIO_ECHO_CONFIG") or None
 
         def load() -> Config:
-            return with_overrides(load_config(path), listen=args.listen, admin=args.admin)
+            return with_overrides(
+                load_config(path), listen=args.listen, admin=args.admin, workers=args.workers
+            )
 
         config = load()
     except ConfigError as exc:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
@@ -22,6 +23,7 @@ SUPPORTED_TRANSPORTS = ("tcp", "tls", "udp")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FALLBACK_MAX_CONNECTIONS = 4096  # PRODUCT.md: where there is no RLIMIT_NOFILE (Windows)
 SOCKET_BUFFER_MAX = 2**31 - 1  # setsockopt(SO_RCVBUF) takes a C int
+MAX_WORKERS = 1024  # far past any machine's cores; keeps a typo from forking thousands of processes
 
 
 # -- validators (raise ConfigError with the field name; the loader adds the section) ------------------
@@ -68,6 +70,18 @@ def _cidrs(_: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -
             ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ConfigError(f"{attribute.name}[{index}]", item, "is not a CIDR") from None
+
+
+def _workers(_: object, attribute: attrs.Attribute[Any], value: int | str) -> None:
+    if value == "auto":
+        pass
+    elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _problem(attribute, value, 'expected an integer >= 1 or "auto"')
+    elif value > MAX_WORKERS:
+        raise _problem(attribute, value, f"at most {MAX_WORKERS}")
+    if value != 1 and not hasattr(socket, "SO_REUSEPORT"):
+        # Workers each bind their own listening sockets; without SO_REUSEPORT (Windows) they cannot.
+        raise _problem(attribute, value, "worker processes need SO_REUSEPORT, which this platform lacks")
 
 
 def _admin_address(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -143,6 +157,9 @@ class ServerConfig:
     """Sent after the client's half-close once its echo is complete, e.g. "bye\\n"; empty = none."""
     backlog: int = attrs.field(default=4096, validator=[_positive, _at_most(65535)])
     """listen(2) backlog (the kernel caps it at net.core.somaxconn)."""
+    workers: int | Literal["auto"] = attrs.field(default=1, validator=_workers)
+    """Worker processes: 1 is one process; more (or "auto": one per CPU this process may use) runs a
+    master that supervises that many workers, each with its own SO_REUSEPORT sockets."""
 
 
 @attrs.frozen

@@ -127,6 +127,16 @@ def _convert(hint: Any, value: object) -> object:
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        words = [
+            word
+            for arg in options
+            if typing.get_origin(arg) is typing.Literal
+            for word in typing.get_args(arg)
+        ]
+        if isinstance(value, str) and words:  # e.g. workers = "auto"
+            if value in words:
+                return value
+            raise ValueError(f"expected an integer or {' or '.join(map(repr, words))}")
         return _convert(options[0], value)
     if hint is Flag:
         return parse_flags(value)
@@ -243,8 +253,15 @@ def _toml_string(text: str) -> str:
 # -- command-line overrides ---------------------------------------------------------------------------
 
 
-def with_overrides(config: Config, *, listen: list[str] | None = None, admin: str | None = None) -> Config:
-    """Apply ``serve`` flags: ``--listen`` (replaces the list) and ``--admin ADDR|off``.
+def with_overrides(
+    config: Config,
+    *,
+    listen: list[str] | None = None,
+    admin: str | None = None,
+    workers: str | None = None,
+) -> Config:
+    """Apply ``serve`` flags: ``--listen`` (replaces the list), ``--admin ADDR|off`` and
+    ``--workers N|auto``.
 
     Raises ConfigError naming the flag when a value is bad.
     """
@@ -260,6 +277,12 @@ def with_overrides(config: Config, *, listen: list[str] | None = None, admin: st
             server = attrs.evolve(server, listen=tuple(entries))
         except ConfigError as exc:
             raise ConfigError("--listen", exc.value, exc.problem) from None
+    if workers is not None:
+        count: Any = int(workers) if workers.strip().isdigit() else workers  # the validator says if not
+        try:
+            server = attrs.evolve(server, workers=count)
+        except ConfigError as exc:
+            raise ConfigError("--workers", workers, exc.problem) from None
     admin_section = config.admin
     if admin is not None:
         try:

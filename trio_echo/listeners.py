@@ -82,12 +82,16 @@ class ListeningSocket:
                 os.unlink(self.unix_path)
 
 
-async def open_listeners(address: Address, *, backlog: int, socket_buffer: int = 0) -> list[ListeningSocket]:
+async def open_listeners(
+    address: Address, *, backlog: int, socket_buffer: int = 0, reuse_port: bool = False, listen: bool = True
+) -> list[ListeningSocket]:
     """Bind (and for stream transports listen on) every socket ``address`` stands for.
 
     ``:PORT`` is 0.0.0.0 and :: (IPV6_V6ONLY); a host name is every address it resolves to; with port 0
     every socket gets the port the first one was given. A family the host lacks is skipped with a
-    warning.
+    warning. ``reuse_port`` sets SO_REUSEPORT (worker processes each bind the same port and the kernel
+    spreads connections over them); ``listen=False`` only binds, which holds a port for the workers
+    without taking a share of its connections (a worker master resolving port 0).
 
     Raises:
         ListenerError: nothing could be bound (port taken, path in use, no such host, ...).
@@ -102,7 +106,16 @@ async def open_listeners(address: Address, *, backlog: int, socket_buffer: int =
         try:
             for family, host in targets:
                 try:
-                    sock = _open_inet(family, kind, host, port, backlog=backlog, socket_buffer=socket_buffer)
+                    sock = _open_inet(
+                        family,
+                        kind,
+                        host,
+                        port,
+                        backlog=backlog,
+                        listen=listen,
+                        socket_buffer=socket_buffer,
+                        reuse_port=reuse_port,
+                    )
                 except OSError as exc:
                     if exc.errno in FAMILY_MISSING_ERRNOS and (len(targets) > 1 or address.host is None):
                         logger.warning("skipping %s for %s: %s", host or "::", address, exc.strerror)
@@ -143,7 +156,15 @@ async def _resolve(address: Address, kind: int) -> list[tuple[int, str]]:
 
 
 def _open_inet(
-    family: int, kind: int, host: str, port: int, *, backlog: int, socket_buffer: int
+    family: int,
+    kind: int,
+    host: str,
+    port: int,
+    *,
+    backlog: int,
+    socket_buffer: int,
+    reuse_port: bool,
+    listen: bool,
 ) -> stdlib_socket.socket:
     sock = stdlib_socket.socket(family, kind)
     try:
@@ -153,12 +174,14 @@ def _open_inet(
         if family == stdlib_socket.AF_INET6:
             # One socket per family, so ":PORT" behaves the same whatever net.ipv6.bindv6only says.
             sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
         if socket_buffer:
             # Set on the listener so accepted sockets inherit it before window scaling is negotiated.
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, socket_buffer)
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, socket_buffer)
         sock.bind((host, port))  # numeric: getaddrinfo already resolved it
-        if kind == stdlib_socket.SOCK_STREAM:
+        if kind == stdlib_socket.SOCK_STREAM and listen:
             sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket as stdlib_socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import trio
 
@@ -37,12 +37,25 @@ class Listeners:
         intake: where accepted connections go (its settings give the backlog and buffer sizes).
         stats: the UDP counters.
         tracer: ``listener.up`` / ``listener.down`` events.
+        reuse_port: bind with SO_REUSEPORT (a worker process: its siblings bind the same ports).
+        shared: sockets another process opened for a listen entry, by label (a worker's Unix
+            listeners, which SO_REUSEPORT cannot share): served as they are, never closed here.
     """
 
-    def __init__(self, intake: Intake, stats: Stats, tracer: Tracer) -> None:
+    def __init__(
+        self,
+        intake: Intake,
+        stats: Stats,
+        tracer: Tracer,
+        *,
+        reuse_port: bool = False,
+        shared: Mapping[str, Sequence[stdlib_socket.socket]] | None = None,
+    ) -> None:
         self.intake = intake
         self.stats = stats
         self.tracer = tracer
+        self.reuse_port = reuse_port
+        self.shared = dict(shared or {})
         self.configure(intake.settings.config)
 
     def configure(self, config: Config) -> None:
@@ -53,11 +66,16 @@ class Listeners:
         )
 
     def child(self, entry: ListenerConfig) -> ChildSpec:
+        shared = self.shared.get(entry.label)
+        if shared is not None:
+            return self._served(entry.label, shared, why=f"{entry.label}, shared by the master")
+
         async def opened() -> list[ListeningSocket]:
             return await open_listeners(
                 entry.address,
                 backlog=entry.backlog or self.intake.settings.config.server.backlog,
                 socket_buffer=self.intake.settings.config.limits.socket_buffer,
+                reuse_port=self.reuse_port,
             )
 
         run = functools.partial(self._listen, entry.label, opened, owned=True, why=entry.label)
@@ -66,12 +84,16 @@ class Listeners:
     def adopted_child(self, label: str, sock: stdlib_socket.socket) -> ChildSpec:
         """A listener systemd opened: it stays open across restarts of this child (it is systemd's; the
         server closes its own copy when it stops)."""
+        return self._served(label, [sock], why="socket activation")
+
+    def _served(self, label: str, socks: Sequence[stdlib_socket.socket], *, why: str) -> ChildSpec:
+        """A child serving sockets someone else opened (systemd, a worker master)."""
 
         async def opened() -> list[ListeningSocket]:
             await trio.lowlevel.checkpoint()
-            return [ListeningSocket(sock, format_sockaddr(sock.getsockname()))]
+            return [ListeningSocket(sock, format_sockaddr(sock.getsockname())) for sock in socks]
 
-        run = functools.partial(self._listen, label, opened, owned=False, why="socket activation")
+        run = functools.partial(self._listen, label, opened, owned=False, why=why)
         return ChildSpec(label, run, Restart.PERMANENT)
 
     async def _listen(

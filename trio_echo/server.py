@@ -17,8 +17,9 @@ first and then gives handlers a deadline)::
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import trio
 
@@ -26,6 +27,7 @@ from ._version import __version__
 from .activation import Inherited
 from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
+from .admin.view import LocalView
 from .admission import Admission
 from .config import Config
 from .errors import SupervisorGaveUp, leaves
@@ -63,6 +65,9 @@ class EchoServer:
         tracer: where events go; default: a tracer with ``config.trace.flags`` logging to ``trio_echo``.
         inherited: listening sockets passed by systemd (socket activation): when it has echo sockets
             they replace ``server.listen``; an inherited admin socket serves the admin port.
+        reuse_port: bind listeners with SO_REUSEPORT (a worker process, see :mod:`trio_echo.worker`).
+        shared: listen entries whose sockets another process opened (a worker's Unix listeners).
+        first_id: the first connection id (workers get disjoint id ranges).
 
     Raises:
         ConfigError: an unreadable certificate or admin token.
@@ -75,16 +80,19 @@ class EchoServer:
         max_connections: int | None = None,
         tracer: Tracer | None = None,
         inherited: Inherited | None = None,
+        reuse_port: bool = False,
+        shared: Mapping[str, Sequence[socket.socket]] | None = None,
+        first_id: int = 1,
     ) -> None:
         self.tracer = tracer or Tracer(config.trace.flags)
-        self.stats = Stats(started=0.0)
+        self.stats = Stats(started=0.0, next_id=first_id)
         self._inherited = inherited or Inherited()
         self.settings = Settings.from_config(config, max_connections)
         self.intake = Intake(self.settings, self.stats, self.tracer, self._tls(self.settings))
-        self.listeners = Listeners(self.intake, self.stats, self.tracer)
+        self.listeners = Listeners(self.intake, self.stats, self.tracer, reuse_port=reuse_port, shared=shared)
         admin_socket = self._inherited.admin
         self.admin = (
-            AdminServer(self, config.admin, inherited=admin_socket)
+            AdminServer(LocalView(self), config.admin, inherited=admin_socket)
             if config.admin.listen or admin_socket is not None
             else None
         )

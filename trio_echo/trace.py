@@ -85,6 +85,10 @@ class Tracer:
         self._subscribers: list[Subscriber] = []
         self._logger = logger or logging.getLogger("trio_echo.trace")
         self._dropped_by_gone = 0
+        self._wanted = Flag(0)
+        self.on_wanted: Callable[[Flag], None] | None = None
+        """Called with the new ``wanted`` whenever it changes (a worker master forwards it to its
+        workers, which then build exactly the events some sink here wants)."""
         self.flags = flags
         self.add_sink(self._log)
 
@@ -105,9 +109,11 @@ class Tracer:
 
     def _update_wanted(self) -> None:
         own = (s.flags for s in self._subscribers if s.flags is not None)
-        self._wanted = functools.reduce(operator.or_, own, self._flags)
+        before, self._wanted = self._wanted, functools.reduce(operator.or_, own, self._flags)
         self.conn = bool(self._wanted & Flag.CONN)
         self.data = bool(self._wanted & Flag.DATA)
+        if self._wanted != before and self.on_wanted is not None:
+            self.on_wanted(self._wanted)
 
     @property
     def dropped(self) -> int:
@@ -142,9 +148,12 @@ class Tracer:
         return subscriber
 
     def emit(self, flag: Flag, event: str, **fields: object) -> None:
-        if not self._wanted & flag:
-            return
-        record = Event(ts=time.time(), flag=flag, event=event, fields=fields)
+        if self._wanted & flag:
+            self.relay(Event(ts=time.time(), flag=flag, event=event, fields=fields))
+
+    def relay(self, record: Event) -> None:
+        """Deliver an event built elsewhere (a worker process's) to the sinks that want its flag."""
+        flag = record.flag
         globally = bool(self._flags & flag)
         if globally:
             for sink in list(self._sinks):

@@ -8,65 +8,16 @@ oldest events instead of queueing without bound.
 
 from __future__ import annotations
 
-import socket as stdlib_socket
-import sys
-
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trio_echo._version import __version__
 from trio_echo.events import format_flags
 from trio_echo.reasons import Reason
-from trio_echo.stats import ConnectionInfo
 from trio_echo.trace import Subscriber
 
 from . import protocol
-from .listing import select
-from .tcpinfo import SIZE, parse_tcp_info
 from .view import ServerView
-
-
-def _socket_of(info: ConnectionInfo) -> stdlib_socket.socket | trio.socket.SocketType | None:
-    sock: object = info.handle.stream if info.handle is not None else None
-    if isinstance(sock, trio.SocketStream):
-        sock = sock.socket
-    if isinstance(sock, stdlib_socket.socket | trio.socket.SocketType) and sock.family in (
-        stdlib_socket.AF_INET,
-        stdlib_socket.AF_INET6,
-    ):
-        return sock
-    return None
-
-
-def tcp_info(info: ConnectionInfo) -> dict[str, int]:
-    """TCP_INFO figures of the connection's socket (Linux TCP only; ``{}`` elsewhere)."""
-    sock = _socket_of(info)
-    if sys.platform != "linux" or sock is None:
-        return {}
-    try:
-        raw = sock.getsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_INFO, SIZE)
-    except OSError:  # it may be closing as we ask
-        return {}
-    return parse_tcp_info(raw)
-
-
-def rtt_of(info: ConnectionInfo) -> int:
-    return tcp_info(info).get("rtt_us", -1)
-
-
-def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
-    item: dict[str, object] = {
-        "id": info.id,
-        "peer": info.peer,
-        "listener": info.listener,
-        "age": round(now - info.opened, 3),
-        "bytes_in": info.bytes_in,
-        "bytes_out": info.bytes_out,
-    }
-    if info.proxy:
-        item["proxy"] = info.proxy
-    item.update(tcp_info(info))
-    return item
 
 
 class AdminChannel:
@@ -98,7 +49,7 @@ class AdminChannel:
 
     async def _stats_loop(self) -> None:
         while True:
-            snapshot = self._server.stats.snapshot(trio.current_time())
+            snapshot = await self._server.stats_snapshot()
             await self._send({"type": "stats", **snapshot})
             await trio.sleep(self._interval)
 
@@ -115,9 +66,9 @@ class AdminChannel:
     async def _request_loop(self) -> None:
         while True:
             message = await self._ws.get_message()
-            await self._send(self.handle(protocol.parse_request(message)))
+            await self._send(await self.handle(protocol.parse_request(message)))
 
-    def handle(self, request: protocol.Request) -> dict[str, object]:
+    async def handle(self, request: protocol.Request) -> dict[str, object]:
         """The reply to one request (and its effect)."""
         server = self._server
         match request:
@@ -130,13 +81,10 @@ class AdminChannel:
                 self._unsubscribe()
                 return protocol.reply("unsubscribe", ok=True)
             case protocol.ListConnections() as query:
-                now = trio.current_time()
-                connections = server.stats.connections.values()
-                total, page = select(connections, query, rtt=rtt_of if query.sort == "rtt_us" else None)
-                items = [connection_item(info, now) for info in page]
+                total, items = await server.connections(query)
                 return protocol.reply("connections", items=items, total=total, offset=query.offset)
             case protocol.CloseConnection(id=conn_id):
-                if server.close_connection(conn_id, Reason.ADMIN):
+                if await server.close_connection(conn_id, Reason.ADMIN):
                     return protocol.reply("close", ok=True, id=conn_id)
                 return protocol.error(f"close: no open connection with id {conn_id}")
             case protocol.SetTraceFlags(flags=flags):

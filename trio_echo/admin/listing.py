@@ -20,6 +20,8 @@ from trio_echo.stats import ConnectionInfo
 from .protocol import ListConnections
 
 RttOf = Callable[[ConnectionInfo], int]
+Ranked = list[tuple[float, int]]
+"""``(sort value, id)`` pairs, best first: one worker's candidates for a merged page."""
 
 
 def _sort_key(sort: str, rtt: RttOf | None) -> Callable[[ConnectionInfo], tuple[float, int]]:
@@ -58,3 +60,21 @@ def select(
         return len(matching), []
     top = heapq.nlargest(query.offset + query.limit, matching, key=_sort_key(query.sort, rtt))
     return len(matching), top[query.offset :]
+
+
+def sort_value(info: ConnectionInfo, sort: str, now: float, rtt: RttOf | None) -> float:
+    """The number ``sort`` orders by, descending (age in seconds, so values from processes with
+    different clocks compare)."""
+    if sort == "age":
+        return now - info.opened
+    if sort == "rtt_us" and rtt is not None:
+        return rtt(info)
+    return getattr(info, sort)  # type: ignore[no-any-return]  # bytes_in / bytes_out (checked by the parser)
+
+
+def merge_ranked(ranked: list[Ranked], offset: int, limit: int) -> list[tuple[int, int]]:
+    """The merged page across workers: ``(worker index, id)`` pairs, best first, ties by lower id."""
+    merged = heapq.merge(
+        *([(-value, conn_id, worker) for value, conn_id in entries] for worker, entries in enumerate(ranked))
+    )
+    return [(worker, conn_id) for _, conn_id, worker in itertools.islice(merged, offset, offset + limit)]

@@ -173,7 +173,7 @@ class AdminServer:
             if decision.kind == "ws":
                 await self._channel(stream, request.raw)
                 return
-            status, body, content_type = self._answer(
+            status, body, content_type = await self._answer(
                 decision.kind, decision.status, decision.message, request.target
             )
             with trio.move_on_after(RESPONSE_TIMEOUT):
@@ -232,7 +232,7 @@ class AdminServer:
             self.config.header_timeout,
         )
 
-    def _answer(self, kind: str, status: int, message: str, target: str) -> tuple[int, bytes, str]:
+    async def _answer(self, kind: str, status: int, message: str, target: str) -> tuple[int, bytes, str]:
         text = "text/plain; charset=utf-8"
         server = self._server
         if kind == "reject":
@@ -245,7 +245,7 @@ class AdminServer:
             return 204, b"", text
         if kind == "metrics":
             snapshot = attrs.evolve(
-                server.metrics_snapshot(),
+                await server.metrics_snapshot(),
                 admin_requests_dropped={
                     "pending_full": self.heads_dropped,
                     "header_timeout": self.heads_timed_out,

@@ -1,27 +1,27 @@
 """What the admin port sees of the server: a narrow, structural interface (``typing.Protocol``).
 
-The admin port depends on this, not on ``EchoServer`` (which builds the admin port): dependencies point
-down, and anything with these members can be shown and steered, for instance a view that aggregates
-several worker processes.
+The admin port depends on :class:`ServerView`, not on ``EchoServer`` (which builds the admin port):
+dependencies point down. Two things implement it: :class:`LocalView` over one process's server, and
+the worker master's view (:mod:`trio_echo.master`), which asks its worker processes, hence ``async``.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import trio
+
 from trio_echo.reasons import Reason
 from trio_echo.stats import Stats
 from trio_echo.trace import Tracer
 
+from . import table
 from .metrics import MetricsSnapshot
+from .protocol import ListConnections
 
 
 class ServerView(Protocol):
     """Counts, the connection table, closing one connection, trace subscriptions, readiness."""
-
-    @property
-    def stats(self) -> Stats:
-        """Counters and the live connection table."""
 
     @property
     def tracer(self) -> Tracer:
@@ -34,8 +34,67 @@ class ServerView(Protocol):
     def listener_descriptions(self) -> list[dict[str, str]]:
         """The bound echo addresses with their transport."""
 
-    def metrics_snapshot(self) -> MetricsSnapshot:
-        """The server's counters for /metrics."""
+    async def stats_snapshot(self) -> dict[str, object]:
+        """The admin ``stats`` message's fields (without ``type``)."""
 
-    def close_connection(self, conn_id: int, reason: Reason = ...) -> bool:
+    async def metrics_snapshot(self) -> MetricsSnapshot:
+        """The counters for /metrics."""
+
+    async def connections(self, query: ListConnections) -> tuple[int, list[dict[str, object]]]:
+        """``(total, items)``: one page of the open connections."""
+
+    async def close_connection(self, conn_id: int, reason: Reason) -> bool:
         """Close one connection gracefully; False if no such connection is open."""
+
+
+class LocalServer(Protocol):
+    """What :class:`LocalView` needs of a single-process server (``EchoServer``)."""
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def tracer(self) -> Tracer: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def listener_descriptions(self) -> list[dict[str, str]]: ...
+
+    def metrics_snapshot(self) -> MetricsSnapshot: ...
+
+    def close_connection(self, conn_id: int, reason: Reason = ...) -> bool: ...
+
+
+class LocalView:
+    """The :class:`ServerView` of a server in this process: every answer straight from its table."""
+
+    def __init__(self, server: LocalServer) -> None:
+        self._server = server
+
+    @property
+    def tracer(self) -> Tracer:
+        return self._server.tracer
+
+    @property
+    def draining(self) -> bool:
+        return self._server.draining
+
+    def listener_descriptions(self) -> list[dict[str, str]]:
+        return self._server.listener_descriptions()
+
+    async def stats_snapshot(self) -> dict[str, object]:
+        await trio.lowlevel.checkpoint()
+        return self._server.stats.snapshot(trio.current_time())
+
+    async def metrics_snapshot(self) -> MetricsSnapshot:
+        await trio.lowlevel.checkpoint()
+        return self._server.metrics_snapshot()
+
+    async def connections(self, query: ListConnections) -> tuple[int, list[dict[str, object]]]:
+        await trio.lowlevel.checkpoint()
+        return table.page(self._server.stats.connections.values(), query, trio.current_time())
+
+    async def close_connection(self, conn_id: int, reason: Reason) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self._server.close_connection(conn_id, reason)
