@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import trio
 
@@ -21,8 +22,10 @@ from .config import Config
 from .errors import ConfigError, SupervisorGaveUp
 from .events import Flag
 from .logsetup import configure_logging, reopen_logs
+from .master import Master, worker_count
 from .sdnotify import Notifier
 from .server import EchoServer
+from .trace import TraceFile, Tracer
 
 logger = logging.getLogger("trio_echo.daemon")
 
@@ -53,18 +56,37 @@ def raise_nofile_limit() -> int | None:
 STATUS_INTERVAL = 5.0  # seconds between STATUS= refreshes to the service manager
 
 
-def status_line(server: EchoServer) -> str:
-    """The one-line STATUS= for systemctl status: counts, and listeners still retrying."""
-    stats = server.stats
-    retrying = [name for name in server.listener_names if not server.supervisor.running(name)]
-    text = (
-        f"{stats.active} active, {stats.total} total, {sum(stats.refused.values())} refused; "
-        f"listening on {', '.join(server.addresses) or 'nothing yet'}"
-    )
-    return text + (f"; retrying {', '.join(retrying)}" if retrying else "")
+class Daemon(Protocol):
+    """What runs under signals and systemd: an :class:`EchoServer`, or a worker master."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def tracer(self) -> Tracer: ...
+
+    @property
+    def trace_file(self) -> TraceFile | None: ...
+
+    @property
+    def active(self) -> int: ...
+
+    def status(self) -> str:
+        """The one-line STATUS= for systemctl status."""
+
+    def healthy(self) -> bool:
+        """False while part of it does not answer (the watchdog is then not petted)."""
+
+    def stop(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = ...) -> None: ...
+
+    async def reconfigure(self, config: Config, *, max_connections: int | None = None) -> list[str]: ...
 
 
-async def reload(server: EchoServer, load: ConfigLoader, notifier: Notifier) -> None:
+async def reload(server: Daemon, load: ConfigLoader, notifier: Notifier) -> None:
     """SIGHUP: re-read the config (CLI flags still override it) and apply what can change live.
     A bad file changes nothing and says why in one line."""
     notifier.reloading()
@@ -85,11 +107,11 @@ async def reload(server: EchoServer, load: ConfigLoader, notifier: Notifier) -> 
         else:
             logger.info("reloaded")
         server.tracer.emit(Flag.INFO, "config.reloaded", ok=True, requires_restart=needs_restart)
-    notifier.ready(status_line(server))
+    notifier.ready(server.status())
 
 
 async def serve_until_signalled(
-    server: EchoServer,
+    server: Daemon,
     notifier: Notifier | None = None,
     load: ConfigLoader | None = None,
     *,
@@ -128,14 +150,14 @@ async def serve_until_signalled(
                     name,
                     server.config.limits.drain_timeout,
                 )
-                notifier.stopping(f"draining {server.stats.active} connections")
+                notifier.stopping(f"draining {server.active} connections")
                 server.stop()
             else:
                 logger.warning("%s again: closing every connection now", name)
                 forced = True
                 server.abort()
 
-    async def run_server(*, task_status: trio.TaskStatus[EchoServer]) -> None:
+    async def run_server(*, task_status: trio.TaskStatus[Daemon]) -> None:
         try:
             await server.run(task_status=task_status)
         finally:
@@ -144,13 +166,15 @@ async def serve_until_signalled(
     async def refresh_status() -> None:
         await trio.sleep(1.0)  # a first refresh soon after READY, then a steady pace
         while True:
-            notifier.status(status_line(server))
+            notifier.status(server.status())
             await trio.sleep(STATUS_INTERVAL)
 
     async def pet_watchdog(interval: float) -> None:
-        # Runs only if the event loop does: a wedged loop stops petting and systemd restarts us.
+        # Runs only if the event loop does: a wedged loop stops petting and systemd restarts us; so
+        # does a worker that stops answering (until the master has replaced it).
         while True:
-            notifier.watchdog()
+            if server.healthy():
+                notifier.watchdog()
             await trio.sleep(interval)
 
     gave_up: list[BaseException] = []
@@ -163,7 +187,7 @@ async def serve_until_signalled(
                 if notifier.watchdog_interval:
                     nursery.start_soon(pet_watchdog, notifier.watchdog_interval)
                 await nursery.start(run_server)
-                notifier.ready(status_line(server))
+                notifier.ready(server.status())
                 if on_ready is not None:
                     on_ready()
                 if notifier.enabled:
@@ -192,7 +216,12 @@ def run(config: Config, load: ConfigLoader | None = None) -> int:
             max_connections,
         )
     inherited = adopt()  # systemd socket activation, if any (may raise ConfigError)
-    server = EchoServer(config, max_connections=max_connections, inherited=inherited)  # may raise ConfigError
+    workers = worker_count(config.server.workers)
+    server: Daemon  # both may raise ConfigError
+    if workers > 1:
+        server = Master(config, workers=workers, inherited=inherited)
+    else:
+        server = EchoServer(config, max_connections=max_connections, inherited=inherited)
     try:
         return trio.run(serve_until_signalled, server, Notifier(), load)
     except KeyboardInterrupt:  # Ctrl-C before the signal receiver was installed

@@ -25,11 +25,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
-def configure_logging(config: LogConfig) -> logging.Handler:
+class _WorkerTag(logging.Filter):
+    """Names the worker process in each of its lines (``trio_echo.server[worker 1]``): workers and
+    their master write to the same stderr or file."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._suffix = f"[worker {index}]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.endswith(self._suffix):
+            record.name += self._suffix
+        return True
+
+
+def configure_logging(config: LogConfig, *, worker: int | None = None) -> logging.Handler:
     """Install the handler ``config`` describes on the root logger and return it.
 
     On stderr under systemd (``JOURNAL_STREAM`` set) text lines carry no timestamp: journald adds its
-    own.
+    own. ``worker``: this is worker process INDEX (its lines say so).
     """
     handler: logging.Handler
     if config.file:
@@ -42,6 +56,8 @@ def configure_logging(config: LogConfig) -> logging.Handler:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if worker is not None:
+        handler.addFilter(_WorkerTag(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -18,6 +18,7 @@ from .config import Config, ListenerConfig
 # Changes a reload cannot apply to a running server: the key and how to read it.
 RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("server.backlog", lambda c: c.server.backlog),
+    ("server.workers", lambda c: c.server.workers),
     ("limits.socket_buffer", lambda c: c.limits.socket_buffer),
     ("limits.fd_reserve", lambda c: c.limits.fd_reserve),
     ("trace.file", lambda c: c.trace.file),

@@ -148,6 +148,25 @@ class EchoServer:
         return bound
 
     @property
+    def active(self) -> int:
+        """Connections open now."""
+        return self.stats.active
+
+    def healthy(self) -> bool:
+        """Whether the systemd watchdog may be petted: a single process that runs is healthy."""
+        return True
+
+    def status(self) -> str:
+        """The one-line STATUS= for systemctl status: counts, and listeners still retrying."""
+        stats = self.stats
+        retrying = [name for name in self._listener_names if not self.supervisor.running(name)]
+        text = (
+            f"{stats.active} active, {stats.total} total, {sum(stats.refused.values())} refused; "
+            f"listening on {', '.join(self.addresses) or 'nothing yet'}"
+        )
+        return text + (f"; retrying {', '.join(retrying)}" if retrying else "")
+
+    @property
     def listener_names(self) -> list[str]:
         """The echo listeners' labels (supervisor child names)."""
         return list(self._listener_names)

@@ -147,6 +147,12 @@ class Tracer:
         self._update_wanted()
         return subscriber
 
+    def resubscribe(self, subscriber: Subscriber, flags: Flag | None) -> None:
+        """Change what a live subscriber receives (a worker's link to its master: the master's
+        ``wanted``)."""
+        subscriber.flags = flags
+        self._update_wanted()
+
     def emit(self, flag: Flag, event: str, **fields: object) -> None:
         if self._wanted & flag:
             self.relay(Event(ts=time.time(), flag=flag, event=event, fields=fields))

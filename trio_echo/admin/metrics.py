@@ -28,6 +28,7 @@ class MetricsSnapshot:
     datagrams_out: Mapping[str, int] = attrs.field(factory=dict)  # per UDP listener
     datagrams_dropped: Mapping[str, int] = attrs.field(factory=dict)  # per reason
     admin_requests_dropped: Mapping[str, int] = attrs.field(factory=dict)  # per reason
+    workers: Mapping[str, int] = attrs.field(factory=dict)  # worker processes per state (a master only)
 
 
 def _escape(value: str) -> str:
@@ -122,6 +123,12 @@ FAMILIES: tuple[tuple[str, str, str, Samples], ...] = (
         "counter",
         "Restarts of supervised tasks, by child.",
         lambda snapshot: _labelled("child", snapshot.restarts),
+    ),
+    (
+        "workers",
+        "gauge",
+        "Worker processes by state (only with [server] workers > 1).",
+        lambda snapshot: _labelled("state", snapshot.workers),
     ),
     (
         "trace_dropped_total",
