@@ -1,0 +1,564 @@
+"""Worker processes for real: a master and its workers as processes, driven from outside with real
+sockets, real signals (SIGKILL, SIGSTOP, SIGTERM, SIGHUP), the admin CLI, an sd_notify socket and
+systemd-socket-activate."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_reload import LogWatcher
+from tests.test_systemd import NotifyListener, free_port
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT workers and POSIX signals")
+
+TOKEN = "worker-test-token-0123456789abcdef"
+READY = r"worker (\d) \(pid (\d+)\) ready: 127\.0\.0\.1:(\d+)"
+
+
+def wait_until(check: Callable[[], object], *, timeout: float = 15.0, what: str = "the condition") -> object:
+    """Poll ``check`` (every 50 ms, at most ``timeout`` s) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped yet counts: it runs no code)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class Daemon:
+    """``trio-echo serve`` with a config file, its stderr watched, its admin port on a known port."""
+
+    def __init__(
+        self, tmp_path: Path, config: str, *args: str, workers: int = 2, env: dict[str, str] | None = None
+    ):
+        self.admin_port = free_port()
+        self.path = tmp_path / "trio-echo.toml"
+        self.path.write_text(config)
+        self.env = {
+            **os.environ,
+            "TRIO_ECHO_ADMIN_TOKEN": TOKEN,
+            "RUNTIME_DIRECTORY": str(tmp_path),
+            **(env or {}),
+        }
+        command = [sys.executable, "-m", "trio_echo", "serve", "--config", str(self.path)]
+        command += ["--admin", f"127.0.0.1:{self.admin_port}", "--workers", str(workers), *args]
+        self.proc = subprocess.Popen(command, env=self.env, stderr=subprocess.PIPE, text=True)
+        self.log = LogWatcher(self.proc)
+
+    def ready(self, workers: int = 2) -> int:
+        """Wait for every worker's ready line; the echo port they share."""
+        ports = set()
+        for index in range(workers):
+            line = self.log.lines[self.log.wait_for(READY.replace(r"(\d)", str(index), 1))]
+            match = re.search(READY, line)
+            assert match is not None
+            ports.add(int(match.group(3)))
+        assert len(ports) == 1, ports
+        return ports.pop()
+
+    def admin(self, *args: str) -> object:
+        """``trio-echo admin ADDR ARGS``: its JSON output, or its text (``close``)."""
+        done = subprocess.run(
+            [sys.executable, "-m", "trio_echo", "admin", f"127.0.0.1:{self.admin_port}", *args],
+            env=self.env,
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        return json.loads(done.stdout) if done.stdout.startswith((b"{", b"[")) else done.stdout.decode()
+
+    def stats(self) -> dict[str, object]:
+        stats = self.admin("stats")
+        assert isinstance(stats, dict)
+        return stats
+
+    def workers(self) -> list[dict[str, object]]:
+        rows = self.stats()["workers"]
+        assert isinstance(rows, list)
+        return rows
+
+    def metrics(self) -> str:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return str(answer.read().decode())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=40)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(config: str = "", *args: str, **kwargs: object) -> Daemon:
+        daemon = Daemon(tmp_path, config, *args, **kwargs)  # type: ignore[arg-type]
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        pids = [row["pid"] for row in _last_rows(daemon)]
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+        daemon.proc.wait(timeout=30)
+        daemon.log.close()
+        for pid in pids:  # no worker outlives its test
+            if isinstance(pid, int) and not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _last_rows(daemon: Daemon) -> list[dict[str, object]]:
+    try:
+        return daemon.workers() if daemon.proc.poll() is None else []
+    except (subprocess.SubprocessError, AssertionError, ValueError, KeyError):
+        return []
+
+
+_clients: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+def connect(port: int, count: int) -> list[socket.socket]:
+    """``count`` client connections (closed after the test)."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    _clients.extend(socks)
+    return socks
+
+
+def echoes(sock: socket.socket, data: bytes = b"ping") -> bool:
+    try:
+        sock.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = sock.recv(len(data) - len(got))
+            if not chunk:
+                return False
+            got += chunk
+    except OSError:
+        return False
+    return got == data
+
+
+def owners(daemon: Daemon, socks: list[socket.socket]) -> dict[int, int]:
+    """For each client socket (by index in ``socks``): the index of the worker serving it."""
+    items = daemon.admin("connections")
+    assert isinstance(items, list)
+    by_peer = {item["peer"]: item["worker"] for item in items}
+    result = {}
+    for index, sock in enumerate(socks):
+        host, port = sock.getsockname()[:2]
+        result[index] = by_peer[f"{host}:{port}"]
+    return result
+
+
+CONFIG = '[server]\nlisten = ["127.0.0.1:0"]\n[limits]\ndrain_timeout = 2.0\n'
+
+
+def test_two_workers_share_one_port_and_answer_as_one_server(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons(CONFIG)
+    port = daemon.ready()
+    clients = connect(port, 40)
+    assert all(echoes(sock, b"hello %d" % i) for i, sock in enumerate(clients))
+    stats = daemon.stats()
+    assert stats["connections"]["active"] == 40  # type: ignore[index]
+    rows = daemon.workers()
+    assert [row["index"] for row in rows] == [0, 1]
+    assert {row["state"] for row in rows} == {"running"}
+    assert sum(row["active"] for row in rows) == 40  # type: ignore[misc]
+    assert all(row["active"] > 0 for row in rows)  # type: ignore[operator]  # SO_REUSEPORT spreads them
+    owner = owners(daemon, clients)
+    items = daemon.admin("connections")
+    ids = [item["id"] for item in items]  # type: ignore[union-attr]
+    assert len(set(ids)) == 40
+    # close reaches the worker that owns the connection: that client alone sees EOF.
+    victim = next(index for index, worker in owner.items() if worker == 1)
+    host, cport = clients[victim].getsockname()[:2]
+    victim_id = next(i["id"] for i in items if i["peer"] == f"{host}:{cport}")  # type: ignore[union-attr]
+    assert daemon.admin("close", str(victim_id)) == f"closed connection {victim_id}\n"
+    clients[victim].settimeout(10)
+    assert clients[victim].recv(10) == b""
+    assert all(echoes(sock) for index, sock in enumerate(clients) if index != victim)
+    metrics = daemon.metrics()
+    assert 'trio_echo_connections_total{listener="127.0.0.1:0"} 40' in metrics
+    assert 'trio_echo_workers{state="running"} 2' in metrics
+    assert "trio_echo_bytes_received_total " in metrics
+    for sock in clients:
+        sock.close()
+    assert daemon.stop() == 0
+
+
+def test_a_killed_worker_is_restarted_and_the_others_keep_their_connections(
+    daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = daemons(CONFIG)
+    port = daemon.ready()
+    trace_file = tmp_path / "trace.jsonl"
+    tracer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trio_echo",
+            "admin",
+            f"127.0.0.1:{daemon.admin_port}",
+            "trace",
+            "--flags",
+            "info,conn",
+            "-o",
+            str(trace_file),
+        ],
+        env=daemon.env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(trace_file.exists, what="the trace subscriber")
+        clients = connect(port, 30)
+        assert all(echoes(sock) for sock in clients)
+        owner = owners(daemon, clients)
+        rows = daemon.workers()
+        victim_pid = rows[0]["pid"]
+        assert isinstance(victim_pid, int)
+        os.kill(victim_pid, signal.SIGKILL)
+        # worker 1's connections are untouched; worker 0's are gone with it.
+        survivors = [sock for index, sock in enumerate(clients) if owner[index] == 1]
+        lost = [sock for index, sock in enumerate(clients) if owner[index] == 0]
+        assert survivors and lost
+        assert all(echoes(sock) for sock in survivors)
+        assert not any(echoes(sock) for sock in lost)
+
+        def replaced() -> bool:
+            row = daemon.workers()[0]
+            return row["pid"] != victim_pid and row["state"] == "running" and row["restarts"] == 1
+
+        wait_until(replaced, what="worker 0 restarted")
+        daemon.log.wait_for(r"worker 0 failed: WorkerExited: worker 0 \(pid \d+\) killed by SIGKILL")
+        events = wait_until(
+            lambda: [
+                json.loads(line)
+                for line in trace_file.read_text().splitlines()
+                if '"supervisor.restart"' in line
+            ],
+            what="the supervisor.restart event",
+        )
+        assert events[0]["child"] == "worker 0"  # type: ignore[index]
+        # worker events carry their worker: a new connection's conn.open says which.
+        fresh = connect(port, 10)
+        assert all(echoes(sock) for sock in fresh)
+        opened = wait_until(
+            lambda: [
+                json.loads(line) for line in trace_file.read_text().splitlines() if '"conn.open"' in line
+            ],
+            what="conn.open events",
+        )
+        assert {event["worker"] for event in opened} <= {0, 1}  # type: ignore[index]
+        assert all("worker" in event for event in opened)  # type: ignore[operator]
+        assert all(echoes(sock) for sock in survivors)
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+    assert daemon.stop() == 0
+
+
+def test_a_hung_worker_is_killed_and_replaced_and_the_watchdog_waits_for_it(
+    daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    notify = NotifyListener(str(tmp_path / "notify.sock"))
+    try:
+        daemon = daemons(CONFIG, env={"NOTIFY_SOCKET": notify.env_value, "WATCHDOG_USEC": "200000"})
+        port = daemon.ready()
+        notify.collect(20, until="READY")
+        rows = daemon.workers()
+        hung_pid = rows[1]["pid"]
+        assert isinstance(hung_pid, int)
+        notify.messages.clear()
+        stopped_at = time.monotonic()
+        os.kill(hung_pid, signal.SIGSTOP)
+        line = daemon.log.wait_for(r"worker 1 \(pid \d+\) has not answered its heartbeat", timeout=10)
+        found_after = time.monotonic() - stopped_at
+        assert found_after < 6, found_after
+        assert "killing it" in daemon.log.lines[line]
+        wait_until(lambda: gone(hung_pid), what="the hung worker's end")
+        wait_until(lambda: daemon.workers()[1]["state"] == "running", what="worker 1 replaced")
+        assert daemon.workers()[1]["pid"] != hung_pid
+        assert all(echoes(sock) for sock in connect(port, 10))
+        # While worker 1 did not answer (from ~1 s after SIGSTOP until its replacement was ready)
+        # the master stopped petting the watchdog; pets every 0.1 s otherwise.
+        notify.collect(1.0)
+        pets = [m for m in notify.messages if "WATCHDOG" in m]
+        assert pets, notify.messages
+    finally:
+        notify.close()
+    assert daemon.stop() == 0
+
+
+def test_the_watchdog_is_not_petted_while_a_worker_is_silent(
+    daemons: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    notify = NotifyListener(str(tmp_path / "notify.sock"))
+    notify.sock.settimeout(0.05)
+    try:
+        daemon = daemons(CONFIG, env={"NOTIFY_SOCKET": notify.env_value, "WATCHDOG_USEC": "200000"})
+        daemon.ready()
+        notify.collect(20, until="READY")
+        pid = daemon.workers()[0]["pid"]
+        assert isinstance(pid, int)
+        os.kill(pid, signal.SIGSTOP)
+        stamps = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            try:
+                data = notify.sock.recv(4096)
+            except TimeoutError:
+                continue
+            if b"WATCHDOG=1" in data:
+                stamps.append(time.monotonic())
+        gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+        assert max(gaps) > 1.5, gaps  # silent worker: no pets until it was replaced
+        assert stamps[-1] > deadline - 2  # and pets again afterwards
+    finally:
+        notify.close()
+    assert daemon.stop() == 0
+
+
+def test_sigterm_drains_every_worker_within_one_deadline(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons(CONFIG)
+    port = daemon.ready()
+    clients = connect(port, 30)
+    assert all(echoes(sock) for sock in clients)
+    assert set(owners(daemon, clients).values()) == {0, 1}
+    pids = [row["pid"] for row in daemon.workers()]
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.log.wait_for("draining")
+    assert all(echoes(sock) for sock in clients)  # connections keep being served while draining
+    for sock in clients:  # drain_timeout = 2 s: then each is closed (EOF after its echo)
+        sock.settimeout(15)
+        assert sock.recv(10) == b""
+        sock.close()  # which ends the server's lingering close
+    assert daemon.proc.wait(timeout=20) == 0
+    assert time.monotonic() - started < 2 + 3
+    assert all(gone(pid) for pid in pids if isinstance(pid, int))
+    daemon.log.close()
+
+
+def test_a_second_sigterm_stops_every_worker_at_once(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons('[server]\nlisten = ["127.0.0.1:0"]\n[limits]\ndrain_timeout = 60.0\n')
+    port = daemon.ready()
+    clients = connect(port, 20)
+    assert all(echoes(sock) for sock in clients)
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.log.wait_for("draining")
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=15) == 1
+    assert time.monotonic() - started < 5
+    for sock in clients:
+        sock.settimeout(10)
+        try:
+            assert sock.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    daemon.log.close()
+
+
+def test_sighup_applies_to_every_worker_and_a_bad_file_changes_nothing(
+    daemons: Callable[..., Daemon],
+) -> None:
+    def config(greeting: str) -> str:
+        return f'[server]\nlisten = ["127.0.0.1:0"]\ngreeting = "{greeting}\\n"\n'
+
+    daemon = daemons(config("hi"))
+    port = daemon.ready()
+    pids = [row["pid"] for row in daemon.workers()]
+
+    def greetings(count: int = 30) -> tuple[set[bytes], set[int]]:
+        socks = connect(port, count)
+        seen = set()
+        for sock in socks:
+            seen.add(sock.recv(100))
+        workers = set(owners(daemon, socks).values())
+        for sock in socks:
+            sock.close()
+        return seen, workers
+
+    assert greetings() == ({b"hi\n"}, {0, 1})
+    daemon.path.write_text(config("hello"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.log.wait_for("reloaded")
+    assert greetings() == ({b"hello\n"}, {0, 1})
+    daemon.path.write_text("[server]\ngreeting = 5\n")
+    mark = len(daemon.log.lines)
+    daemon.proc.send_signal(signal.SIGHUP)
+    line = daemon.log.wait_for("reload failed", after=mark)
+    assert "server.greeting" in daemon.log.lines[line]
+    assert greetings() == ({b"hello\n"}, {0, 1})
+    assert [row["pid"] for row in daemon.workers()] == pids
+    assert daemon.stop() == 0
+
+
+def test_socket_activation_with_two_workers(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-socket-activate")
+    assert tool, "scripts/test installs systemd (systemd-socket-activate)"
+    port, admin = free_port(), free_port()
+    env = {**os.environ, "TRIO_ECHO_ADMIN_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [
+            tool,
+            "-l",
+            f"127.0.0.1:{port}",
+            "-E",
+            f"TRIO_ECHO_ADMIN_TOKEN={TOKEN}",
+            "-E",
+            f"RUNTIME_DIRECTORY={tmp_path}",
+            sys.executable,
+            "-m",
+            "trio_echo",
+            "serve",
+            "--workers",
+            "2",
+            "--admin",
+            f"127.0.0.1:{admin}",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = LogWatcher(proc)
+    try:
+        log.wait_for("Listening on")  # the tool binds; the first connection launches the daemon
+        first = connect(port, 1)[0]
+        assert echoes(first)
+        log.wait_for(r"worker 0 \(pid \d+\) ready")
+        log.wait_for(r"worker 1 \(pid \d+\) ready")
+        assert any("socket activation" in line for line in log.lines)
+        clients = [first, *connect(port, 19)]
+        assert all(echoes(sock) for sock in clients)
+        done = subprocess.run(
+            [sys.executable, "-m", "trio_echo", "admin", f"127.0.0.1:{admin}", "stats"],
+            env=env,
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        stats = json.loads(done.stdout)
+        assert [row["state"] for row in stats["workers"]] == ["running", "running"]
+        assert stats["connections"]["active"] == 20
+        for sock in clients:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        log.close()
+
+
+def test_the_master_dying_takes_its_workers_with_it(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons(CONFIG)
+    port = daemon.ready()
+    clients = connect(port, 10)
+    assert all(echoes(sock) for sock in clients)
+    pids = [row["pid"] for row in daemon.workers()]
+    daemon.proc.kill()
+    daemon.proc.wait(timeout=10)
+    wait_until(lambda: all(gone(pid) for pid in pids if isinstance(pid, int)), timeout=10, what="no orphans")
+    for sock in clients:
+        sock.settimeout(10)
+        try:
+            assert sock.recv(10) == b""
+        except ConnectionResetError:
+            pass
+
+
+def test_unix_listener_is_shared_by_the_workers(daemons: Callable[..., Daemon], tmp_path: Path) -> None:
+    path = tmp_path / "echo.sock"
+    daemon = daemons(f'[server]\nlisten = ["unix:{path}"]\n')
+    daemon.log.wait_for(r"worker 1 \(pid \d+\) ready")
+    daemon.log.wait_for(r"worker 0 \(pid \d+\) ready")
+    clients = []
+    for _ in range(10):
+        sock = socket.socket(socket.AF_UNIX)
+        _clients.append(sock)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        clients.append(sock)
+    assert all(echoes(sock) for sock in clients)
+    assert daemon.stats()["connections"]["active"] == 10  # type: ignore[index]
+    for sock in clients:
+        sock.close()
+    assert daemon.stop() == 0
+    assert not path.exists()
+
+
+def test_one_worker_is_one_process(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons('[server]\nlisten = ["127.0.0.1:0"]\n', workers=1)
+    line = daemon.log.lines[daemon.log.wait_for(r"listening on 127\.0\.0\.1:\d+")]
+    match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+    assert match is not None
+    port = int(match.group(1))
+    assert all(echoes(sock) for sock in connect(port, 5))
+    children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
+    assert children == []
+    assert "workers" not in daemon.stats()
+    assert not any(re.search(r"\[worker \d+\]|trio_echo\.master", line) for line in daemon.log.lines)
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("0", "--workers"), ("many", "--workers"), ("-3", "--workers")],
+)
+def test_bad_workers_flag_is_one_line_and_exit_2(flag: str, message: str) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_echo",
+            "serve",
+            "--workers",
+            flag,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
