@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.conftest import make_config, port_of
-from trio_echo.admin import table as admin_table
 from trio_echo.admin import client as admin_client
 from trio_echo.admin import port as admin_port
+from trio_echo.admin import table as admin_table
 from trio_echo.errors import ConfigError
 from trio_echo.events import Flag
 from trio_echo.server import EchoServer

@@ -132,6 +132,11 @@ def test_full_file_parses() -> None:
         ("[limits]\ntls_handshake_timeout = 0", "limits.tls_handshake_timeout = 0.0: must be > 0"),
         ("[server]\ngreeting = ['" + "x" * 5000 + "']", "server.greeting = ['xxxxxxxx"),
         ("\x00\x01\x02", "invalid TOML"),
+        ("[server]\nworkers = 0", 'server.workers = 0: expected an integer >= 1 or "auto"'),
+        ("[server]\nworkers = 'many'", "server.workers = 'many': expected an integer or 'auto'"),
+        ("[server]\nworkers = true", "server.workers = True: expected an integer"),
+        ("[server]\nworkers = 2.5", "server.workers = 2.5: expected an integer"),
+        ("[server]\nworkers = 5000", "server.workers = 5000: at most 1024"),
     ],
 )
 def test_every_error_names_key_and_value(toml: str, message: str) -> None:
@@ -195,6 +200,16 @@ def test_effective_max_connections(
     assert config.effective_max_connections(nofile) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "value"), [("workers = 1", 1), ("workers = 8", 8), ('workers = "auto"', "auto")]
+)
+def test_workers_setting(text: str, value: object) -> None:
+    config = config_from_toml(f"[server]\n{text}")
+    assert config.server.workers == value
+    assert config_from_toml(config_to_toml(config)).server.workers == value
+    assert with_overrides(Config(), workers=str(value)).server.workers == value
+
+
 def test_cli_overrides() -> None:
     config = with_overrides(Config(), listen=["127.0.0.1:1", "unix:/tmp/s"], admin="off")
     assert [str(e.address) for e in config.server.listen] == ["127.0.0.1:1", "unix:/tmp/s"]
@@ -209,6 +224,8 @@ def test_cli_overrides() -> None:
         ({"listen": ["nope"]}, "--listen = 'nope'"),
         ({"listen": [":1", ":1"]}, "--listen = ':1': is listed twice"),
         ({"admin": "x"}, "--admin = 'x'"),
+        ({"workers": "0"}, "--workers = '0': expected an integer >= 1"),
+        ({"workers": "lots"}, "--workers = 'lots'"),
     ],
 )
 def test_cli_override_errors(kwargs: dict[str, object], message: str) -> None:

@@ -11,8 +11,8 @@ import trustme
 
 from tests.conftest import make_config, running_server
 from tests.test_server import connect
-from trio_echo.admin.table import connection_item
 from trio_echo.admin.metrics import render
+from trio_echo.admin.table import connection_item
 from trio_echo.events import Event, Flag
 from trio_echo.proxied import PROXY_HEADER_TIMEOUT
 from trio_echo.proxyproto import encode_v1, encode_v2

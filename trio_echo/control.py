@@ -58,14 +58,14 @@ class ControlLink:
         """The next message, or None once the other end has closed (or died)."""
         while True:
             end = self._buffer.find(b"\n", self._scanned)
+            if end > self._max_line or (end < 0 and len(self._buffer) > self._max_line):
+                raise ControlError(f"a control message longer than {self._max_line} bytes")
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
                 self._scanned = 0
                 return decode(line)
             self._scanned = len(self._buffer)
-            if len(self._buffer) > self._max_line:
-                raise ControlError(f"a control message longer than {self._max_line} bytes")
             try:
                 data = await self._stream.receive_some(1 << 20)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
