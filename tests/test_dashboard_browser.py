@@ -141,3 +141,70 @@ async def test_dashboard_live_in_chromium(tmp_path: Path, monkeypatch: pytest.Mo
     assert any(url.startswith(f"ws://{origin}/ws") for url in seen["requests"])  # type: ignore[union-attr]
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
     assert time.monotonic() - started < 120
+
+
+def drive_workers_page(admin_url: str, token: str, echo_port: int, shots: Path) -> dict[str, object]:
+    """The dashboard of a worker master: per-worker rows and load, and a close routed to a worker."""
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, object] = {}
+    clients: list[socket.socket] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(f"{admin_url}#token={token}")
+            rows = page.locator("#workers tbody tr[data-worker]")
+            rows.nth(1).wait_for(timeout=15_000)
+            for _ in range(20):
+                client = socket.create_connection(("127.0.0.1", echo_port), timeout=10)
+                client.sendall(b"hello")
+                assert client.recv(10) == b"hello"
+                clients.append(client)
+            page.locator("#active").filter(has_text=re.compile("^20$")).wait_for(timeout=15_000)
+            seen["workers"] = [rows.nth(i).inner_text().split("\t") for i in range(rows.count())]
+            seen["loads"] = [
+                rows.nth(i).locator(".load").get_attribute("style") or "" for i in range(rows.count())
+            ]
+            first = page.locator("#connections tbody tr[data-id]").first
+            first.wait_for(timeout=15_000)
+            seen["worker_title"] = first.locator("td").first.get_attribute("title")
+            first.locator("button.close").click()
+            page.locator("#active").filter(has_text=re.compile("^19$")).wait_for(timeout=15_000)
+            page.screenshot(path=str(shots / "dashboard-workers.png"), full_page=True)
+        finally:
+            browser.close()
+            for client in clients:
+                client.close()
+    return seen
+
+
+async def test_dashboard_of_a_worker_master_in_chromium(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trio_echo.master import Master
+
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    config = make_config(
+        server={"listen": ["127.0.0.1:0"]},
+        limits={"drain_timeout": 1.0},
+        admin={"listen": "127.0.0.1:0", "stats_interval": 0.2},
+    )
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            master: Master = await nursery.start(Master(config, workers=2).run)
+            assert master.admin is not None
+            assert master.admin.token is not None
+            admin_url = f"http://127.0.0.1:{port_of(master.admin_addresses[0])}/"
+            seen = await trio.to_thread.run_sync(
+                drive_workers_page, admin_url, master.admin.token, port_of(master.addresses[0]), tmp_path
+            )
+            master.stop()
+    workers = seen["workers"]
+    assert isinstance(workers, list)
+    assert [row[0] for row in workers] == ["0", "1"]
+    assert [row[2] for row in workers] == ["running", "running"]
+    assert sum(int(row[3]) for row in workers) == 20
+    assert all("width" in style for style in seen["loads"])  # type: ignore[attr-defined]
+    assert str(seen["worker_title"]).startswith("worker ")
+    assert (tmp_path / "dashboard-workers.png").stat().st_size > 10_000

@@ -181,9 +181,36 @@ function onStats(message) {
     chip.append(count);
     return chip;
   }));
+  showWorkers(message.workers, c.active);
   state.history.push({ t: message.uptime, active: c.active, rate: rateOut });
   while (state.history.length && state.history[0].t < message.uptime - HISTORY_SECONDS) state.history.shift();
   drawChart();
+}
+
+function showWorkers(workers, active) {
+  // Only a master ([server] workers > 1) reports workers: one row each, with its share of the load.
+  $("workers-panel").hidden = !workers;
+  if (!workers) return;
+  $("workers").tBodies[0].replaceChildren(...workers.map((w) => {
+    const row = document.createElement("tr");
+    row.dataset.worker = w.index;
+    row.className = "worker-" + w.state;
+    const share = active ? w.active / active : 0;
+    for (const value of [w.index, w.pid ?? "–", w.state, w.active, null, w.total, w.restarts]) {
+      const cell = document.createElement("td");
+      if (value === null) {
+        const bar = document.createElement("span");
+        bar.className = "load";
+        bar.style.width = Math.round(share * 100) + "%";
+        bar.title = Math.round(share * 100) + "% of the open connections";
+        cell.append(bar);
+      } else {
+        cell.textContent = value;
+      }
+      row.append(cell);
+    }
+    return row;
+  }));
 }
 
 function onConnections(items, total) {
@@ -213,6 +240,7 @@ function onConnections(items, total) {
     if (item.proxy) {
       row.children[1].title = "via " + item.proxy; // PROXY protocol: the load balancer it came through
     }
+    if (item.worker !== undefined) row.children[0].title = "worker " + item.worker;
     const action = document.createElement("td");
     const button = document.createElement("button");
     button.className = "close";
