@@ -210,6 +210,15 @@ def test_workers_setting(text: str, value: object) -> None:
     assert with_overrides(Config(), workers=str(value)).server.workers == value
 
 
+def test_workers_need_so_reuseport(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.delattr(socket, "SO_REUSEPORT")  # as on Windows
+    with pytest.raises(ConfigError, match=r"server\.workers = 2: worker processes need SO_REUSEPORT"):
+        config_from_toml("[server]\nworkers = 2")
+    assert config_from_toml("[server]\nworkers = 1").server.workers == 1
+
+
 def test_cli_overrides() -> None:
     config = with_overrides(Config(), listen=["127.0.0.1:1", "unix:/tmp/s"], admin="off")
     assert [str(e.address) for e in config.server.listen] == ["127.0.0.1:1", "unix:/tmp/s"]

@@ -228,7 +228,8 @@ def test_two_workers_share_one_port_and_answer_as_one_server(daemons: Callable[.
 def test_a_killed_worker_is_restarted_and_the_others_keep_their_connections(
     daemons: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    daemon = daemons(CONFIG)
+    events_file = tmp_path / "events.jsonl"
+    daemon = daemons(CONFIG + f'[trace]\nflags = "error,info,conn"\nfile = "{events_file}"\n')
     port = daemon.ready()
     trace_file = tmp_path / "trace.jsonl"
     tracer = subprocess.Popen(
@@ -295,6 +296,12 @@ def test_a_killed_worker_is_restarted_and_the_others_keep_their_connections(
         tracer.terminate()
         tracer.wait(timeout=10)
     assert daemon.stop() == 0
+    # The master's trace file has every worker's events, each naming its worker, and its own.
+    recorded = [json.loads(line) for line in events_file.read_text().splitlines()]
+    opened = [event for event in recorded if event["event"] == "conn.open"]
+    assert len(opened) == 40
+    assert {event["worker"] for event in opened} == {0, 1}
+    assert any(event["event"] == "supervisor.restart" for event in recorded)
 
 
 def test_a_hung_worker_is_killed_and_replaced_and_the_watchdog_waits_for_it(
