@@ -560,3 +560,31 @@ def test_bad_workers_flag_is_one_line_and_exit_2(flag: str, message: str) -> Non
     assert done.returncode == 2
     assert message in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_past_the_restart_budget_the_master_drains_and_exits_1(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons(
+        '[server]\nlisten = ["127.0.0.1:0"]\n[limits]\ndrain_timeout = 1.0\n'
+        "[supervisor]\nmax_restarts = 1\nperiod = 60.0\nbackoff_initial = 0.0\n"
+    )
+    port = daemon.ready()
+    clients = connect(port, 20)
+    assert all(echoes(sock) for sock in clients)
+    owner = owners(daemon, clients)
+    first = daemon.workers()[0]["pid"]
+    assert isinstance(first, int)
+    os.kill(first, signal.SIGKILL)  # one restart is within the budget
+    second = wait_until(
+        lambda: (row := daemon.workers()[0])["state"] == "running" and row["pid"] != first and row["pid"],
+        what="worker 0 restarted",
+    )
+    assert isinstance(second, int)
+    os.kill(second, signal.SIGKILL)  # the second is past it
+    assert daemon.proc.wait(timeout=20) == 1
+    daemon.log.wait_for(r"supervisor gave up|restart budget|gave up")
+    # worker 1 was drained, not killed: its clients got their EOF.
+    for index, sock in enumerate(clients):
+        if owner[index] == 1:
+            sock.settimeout(10)
+            assert sock.recv(10) == b""
+    daemon.log.close()

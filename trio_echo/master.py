@@ -23,7 +23,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -94,6 +94,7 @@ class Master:
         self._runs = itertools.count(1)
         self._reserved: dict[str, list[ListeningSocket]] = {}  # port-0 entries: held bound, not listening
         self._shared: dict[str, list[ListeningSocket]] = {}  # Unix entries: opened here, inherited
+        self._unix: list[ListenerConfig] | None = None  # the Unix entries opened at start
         self._worker_config = config
         self.workers = [
             WorkerProcess(
@@ -273,13 +274,11 @@ class Master:
         Settings.from_config(config)
         if any(entry.address.transport == "tls" for entry in config.server.listen):
             server_context(config.tls)
-        unix_before = [e for e in self._config.server.listen if e.address.is_unix]
-        unix_after = [e for e in config.server.listen if e.address.is_unix]
-        if unix_before != unix_after:
+        if (self._unix or []) != [entry for entry in config.server.listen if entry.address.is_unix]:
             needs_restart.append(
                 "server.listen's unix: entries (with workers, the master opens them at start)"
             )
-        await self._prepare(config, keep_unix=unix_before)
+        await self._prepare(config)
         message = {"type": "reconfigure", "config": config_to_toml(self._worker_config)}
         answers = await self._ask_all(
             lambda worker: {**message, "max_connections": self._shares()[worker.index]}
@@ -356,19 +355,24 @@ class Master:
 
     # -- what every worker gets -----------------------------------------------------------------------
 
-    async def _prepare(self, config: Config, *, keep_unix: Sequence[ListenerConfig] | None = None) -> None:
-        """The workers' configuration: port 0 resolved to a port held here, Unix entries opened here
-        (``keep_unix``: a reload keeps the ones opened at start), no admin port and no trace file (the
-        master's)."""
+    async def _prepare(self, config: Config) -> None:
+        """The workers' configuration: port 0 resolved to a port held here, the Unix entries opened
+        here at start (a reload keeps those: a running worker cannot be handed a new descriptor), no
+        admin port and no trace file (the master's). Under socket activation the listen list is
+        systemd's: nothing to open."""
         backlog = config.server.backlog
-        entries = []
         listen = list(config.server.listen)
-        if keep_unix is not None:
-            listen = [entry for entry in listen if not entry.address.is_unix] + list(keep_unix)
+        if self._unix is None:
+            self._unix = [entry for entry in listen if entry.address.is_unix]
+            for entry in [] if self._inherited.echo else self._unix:
+                self._shared[entry.label] = await open_listeners(
+                    entry.address, backlog=entry.backlog or backlog
+                )
+        else:
+            listen = [entry for entry in listen if not entry.address.is_unix] + self._unix
+        entries = []
         for given in listen:
             address = given.address
-            if address.is_unix and given.label not in self._shared:
-                self._shared[given.label] = await open_listeners(address, backlog=given.backlog or backlog)
             if address.is_unix or address.port != 0 or self._inherited.echo:
                 entries.append(given)
                 continue

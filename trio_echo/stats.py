@@ -112,6 +112,11 @@ class Stats:
         """Remove a connection from the table, folding its bytes into the totals."""
         if self.connections.pop(info.id, None) is None:
             return
+        # The entry and its connection point at each other (handle, session): drop the link so both
+        # are freed when the task ends, not at the garbage collector's next full pass. Left to the
+        # collector, 19,000 closed connections stayed in memory and made every later round trip
+        # ~30 % dearer (docs/performance.md).
+        info.handle = None
         self.closed[reason] += 1
         self.closed_bytes_in += info.bytes_in
         self.closed_bytes_out += info.bytes_out
