@@ -588,3 +588,105 @@ def test_past_the_restart_budget_the_master_drains_and_exits_1(daemons: Callable
             sock.settimeout(10)
             assert sock.recv(10) == b""
     daemon.log.close()
+
+
+class Link:
+    """The master's end of a worker's control link, driven by hand (blocking, line by line)."""
+
+    def __init__(self) -> None:
+        self.sock, child = socket.socketpair()
+        self.sock.settimeout(20)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trio_echo.worker", str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        child.close()
+        self.file = self.sock.makefile("rb")
+
+    def send(self, message: dict[str, object]) -> None:
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def receive(self, kind: str | None = None, re_: int | None = None) -> dict[str, object]:
+        while True:
+            message = json.loads(self.file.readline())
+            assert isinstance(message, dict)
+            if (kind is None or message.get("type") == kind) and (re_ is None or message.get("re") == re_):
+                return message
+
+    def close(self) -> tuple[int, str]:
+        self.file.close()
+        self.sock.close()
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err
+
+
+def test_the_worker_side_of_the_control_link() -> None:
+    link = Link()
+    config = '[server]\nlisten = ["127.0.0.1:0"]\n[admin]\nlisten = ""\n'
+    link.send({"type": "start", "index": 3, "first_id": 4294967297, "config": config, "wanted": 4})
+    ready = link.receive("ready")
+    port = int(str(ready["addresses"][0]).rsplit(":", 1)[1])  # type: ignore[index]
+    client = connect(port, 1)[0]
+    assert echoes(client)
+    opened = link.receive("trace")  # conn flag wanted: the worker forwards conn.open
+    assert opened["events"][0][2] == "conn.open"  # type: ignore[index]
+    link.send({"type": "ping"})
+    pong = link.receive("pong")
+    assert pong["stats"]["connections"]["active"] == 1  # type: ignore[index]
+    link.send({"id": 1, "type": "rank", "query": {"limit": 5, "offset": 0, "sort": "bytes_in", "filter": ""}})
+    ranked = link.receive(re_=1)
+    assert ranked["total"] == 1
+    [(value, conn_id)] = ranked["ranked"]  # type: ignore[misc]
+    assert (value, conn_id) == (4, 4294967297)
+    link.send({"id": 2, "type": "items", "ids": [conn_id, 12345]})
+    assert [item["id"] for item in link.receive(re_=2)["items"]] == [conn_id]  # type: ignore[union-attr]
+    link.send({"id": 3, "type": "reconfigure", "config": "[server]\ngreeting = 5\n"})
+    refused = link.receive(re_=3)
+    assert refused["ok"] is False
+    assert "server.greeting" in str(refused["error"])
+    link.send({"id": 4, "type": "reconfigure", "config": config + "[limits]\nbuffer_size = 4096\n"})
+    assert link.receive(re_=4)["ok"] is True
+    link.send({"type": "no such thing"})
+    link.send({"id": 5, "type": "close", "conn": conn_id})
+    assert link.receive(re_=5)["ok"] is True
+    client.settimeout(10)
+    assert client.recv(10) == b""
+    link.send({"type": "drain"})
+    assert link.proc.wait(timeout=30) == 0  # drained: exits 0 by itself (closing the link would abort it)
+    code, err = link.close()
+    assert code == 0, err
+    assert "unknown control message 'no such thing'" in err
+    assert "[worker 3]" in err
+
+
+@pytest.mark.parametrize(
+    ("first", "code", "problem"),
+    [
+        (b"", 2, "no start message from the master"),
+        (
+            b'{"type": "start", "index": 0, "first_id": 1, "config": "[server]\\nworkers = 0"}\n',
+            2,
+            "config error",
+        ),
+        (b"this is not json\n", 1, "not a JSON control message"),
+    ],
+)
+def test_a_worker_without_a_good_start_exits_with_one_line(first: bytes, code: int, problem: str) -> None:
+    link = Link()
+    if first:
+        link.sock.sendall(first)
+    link.sock.shutdown(socket.SHUT_WR)
+    returned, err = link.close()
+    assert returned == code
+    assert problem in err
+    assert "Traceback" not in err
+
+
+def test_the_worker_entry_point_wants_its_descriptor() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trio_echo.worker"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 2
+    assert "usage: python -m trio_echo.worker FD" in done.stderr

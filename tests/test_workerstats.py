@@ -110,7 +110,8 @@ def test_merge_metrics_sums_every_counter_per_label() -> None:
     assert merged.closed == {"eof": 4, "idle": 2}
     assert merged.bytes_in == 15
     assert merged.restarts == {"l": 1, "worker 0": 2, "worker 1": 0, "admin": 0}
-    assert (merged.version, merged.uptime, merged.trace_dropped) == ("1.2.3", 40.0, 3)  # the master's own
+    assert (merged.version, merged.uptime) == ("1.2.3", 40.0)  # the master's own
+    assert merged.trace_dropped == 3 + 7 + 7  # the master's drops and each worker's
     assert merged.workers == {"starting": 0, "running": 1, "unresponsive": 0, "stopping": 0, "restarting": 1}
     text = render(merged)
     assert 'trio_echo_workers{state="running"} 1' in text
@@ -203,3 +204,39 @@ async def test_pending_matches_replies_to_their_requests() -> None:
     pending.fail_all()
     with pytest.raises(trio.EndOfChannel):
         await first_replies.receive()
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (0, "exited with status 0"),
+        (3, "exited with status 3"),
+        (-9, "killed by SIGKILL"),
+        (-200, "killed by signal 200"),
+    ],
+)
+def test_describe_exit(code: int, text: str) -> None:
+    from trio_echo.workerproc import describe_exit
+
+    assert describe_exit(code) == text
+
+
+def test_sort_values_compare_across_processes() -> None:
+    from trio_echo.admin.listing import sort_value
+    from trio_echo.stats import ConnectionInfo
+
+    info = ConnectionInfo(1, "p", "l", 10.0, buffer_size=16)
+    info.echoed(5)
+    assert sort_value(info, "age", 12.5, None) == 2.5
+    assert sort_value(info, "bytes_in", 0.0, None) == 5
+    assert sort_value(info, "bytes_out", 0.0, None) == 5
+    assert sort_value(info, "rtt_us", 0.0, lambda _: 42) == 42
+
+
+def test_auto_workers_are_the_usable_cpus() -> None:
+    import os
+
+    from trio_echo.master import worker_count
+
+    assert worker_count(3) == 3
+    assert worker_count("auto") == len(os.sched_getaffinity(0))

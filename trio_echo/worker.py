@@ -198,8 +198,13 @@ def _query(message: Message) -> protocol.ListConnections:
 
 async def _serve(sock: socket.socket) -> int:
     link = ControlLink(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    start = None
     with trio.move_on_after(START_TIMEOUT):
-        start = await link.receive()
+        try:
+            start = await link.receive()
+        except ControlError as exc:
+            print(f"trio-echo worker: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
     if start is None or start.get("type") != "start":
         print("trio-echo worker: no start message from the master", file=sys.stderr)
         return EXIT_USAGE

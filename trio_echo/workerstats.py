@@ -77,7 +77,7 @@ def merge_stats(
 
 
 # The snapshot fields the master fills in itself rather than summing the workers'.
-_OWN = ("version", "uptime", "trace_dropped", "workers")
+_OWN = ("version", "uptime", "workers")
 
 
 def merge_metrics(
@@ -99,6 +99,8 @@ def merge_metrics(
         values = [report[field.name] for report in reports if field.name in report]
         if field.name == "restarts":
             values.append(restarts)
+        if field.name == "trace_dropped":  # the master's subscribers' drops and the workers' links'
+            values.append(trace_dropped)
         if field.type in ("int", int):
             summed[field.name] = sum(values)
         else:
@@ -110,7 +112,6 @@ def merge_metrics(
     return MetricsSnapshot(
         version=version,
         uptime=max(0.0, uptime),
-        trace_dropped=trace_dropped,
         workers={state.value: counts.get(state.value, 0) for state in WorkerState},
         **summed,
     )
