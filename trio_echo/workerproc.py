@@ -152,8 +152,8 @@ class WorkerProcess:
             raise WorkerHung(
                 f"{self.name} (pid {process.pid}) stopped answering its heartbeat for {self._timeout:g} s"
             )
-        if asked:
-            return  # drained or aborted at the master's request
+        if asked or self._aborting:
+            return  # drained or aborted at the master's request (an aborted one may exit first)
         raise WorkerExited(f"{self.name} (pid {process.pid}) {describe_exit(code)}")
 
     async def _wind_down(self, process: trio.Process, link: ControlLink) -> bool:
