@@ -328,6 +328,32 @@ async def test_readyz_is_503_while_draining() -> None:
         await echo.aclose()
 
 
+async def test_drain_delay_is_not_ready_while_still_accepting() -> None:
+    async with admin_server(limits={"drain_delay": 1.0, "drain_timeout": 5}) as server:
+        port = port_of(server.addresses[0])
+        server.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+        assert (await http(server, "/readyz"))[::2] == (503, b"draining\n")
+        # Still accepting and echoing during the delay: a load balancer's stragglers are served.
+        late = await trio.open_tcp_stream("127.0.0.1", port)
+        await late.send_all(b"straggler")
+        assert await late.receive_some(100) == b"straggler"
+        assert trio.current_time() - started < 1.0
+        with trio.fail_after(10):  # then the listener closes, and the drain ends the straggler
+            while True:
+                try:
+                    probe = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    break
+                await probe.aclose()
+                await trio.sleep(0.05)
+        assert trio.current_time() - started >= 1.0
+        await late.send_eof()
+        assert await late.receive_some(100) == b""
+        await late.aclose()
+
+
 async def test_malformed_and_slow_requests() -> None:
     async with admin_server(admin={"header_timeout": 0.3}) as server:
         async with await trio.open_tcp_stream("127.0.0.1", admin_port_of(server)) as stream:

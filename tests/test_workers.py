@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -690,3 +691,28 @@ def test_the_worker_entry_point_wants_its_descriptor() -> None:
     )
     assert done.returncode == 2
     assert "usage: python -m trio_echo.worker FD" in done.stderr
+
+
+def test_drain_delay_keeps_every_worker_accepting_while_not_ready(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons('[server]\nlisten = ["127.0.0.1:0"]\n[limits]\ndrain_delay = 1.5\ndrain_timeout = 2.0\n')
+    port = daemon.ready()
+    signalled = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.log.wait_for(r"not ready, still accepting for 1\.5 s")
+
+    def readyz() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{daemon.admin_port}/readyz", timeout=5) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    assert readyz() == 503
+    stragglers = connect(port, 20)  # routed here before the load balancer noticed: still served
+    assert all(echoes(sock) for sock in stragglers)
+    assert time.monotonic() - signalled < 1.5
+    for sock in stragglers:
+        sock.close()
+    assert daemon.proc.wait(timeout=20) == 0
+    assert time.monotonic() - signalled >= 1.5
+    daemon.log.close()

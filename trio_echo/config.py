@@ -178,6 +178,9 @@ class LimitsConfig:
     """Close every connection after this long (reason ``lifetime``)."""
     drain_timeout: float = attrs.field(default=20.0, validator=[_finite, _non_negative])
     """On stop, how long connections may finish on their own; 0 closes them at once."""
+    drain_delay: float = attrs.field(default=0.0, validator=[_finite, _non_negative])
+    """On stop, how long to stay up not-ready (/readyz 503) and still accepting before the listeners
+    close, so load balancers and Kubernetes endpoints stop sending first; then the drain."""
     linger_timeout: float = attrs.field(default=5.0, validator=[_finite, _non_negative])
     """Lingering close: after shutting our write side, how long to read and discard input."""
     buffer_size: int = attrs.field(default=65536, validator=[_positive, _at_most(16 * 1024 * 1024)])

@@ -145,10 +145,17 @@ async def serve_until_signalled(
                     await reload(server, load, notifier)
             elif not stopping:
                 stopping = True
+                limits = server.config.limits
+                delay = (
+                    f"not ready, still accepting for {limits.drain_delay:g} s, then "
+                    if limits.drain_delay
+                    else ""
+                )
                 logger.info(
-                    "%s: draining (up to %g s); send it again to stop at once",
+                    "%s: %sdraining (up to %g s); send it again to stop at once",
                     name,
-                    server.config.limits.drain_timeout,
+                    delay,
+                    limits.drain_timeout,
                 )
                 notifier.stopping(f"draining {server.active} connections")
                 server.stop()

@@ -129,6 +129,7 @@ class Master:
         self.started = 0.0
         self.draining = False
         self._stop = trio.Event()
+        self._aborted = trio.Event()
         self._services: trio.Nursery | None = None
         # The counters of worker runs that have ended (as last reported), so totals never go back.
         self._retired: dict[str, dict[str, object]] = {"stats": {}, "metrics": {}}
@@ -265,6 +266,7 @@ class Master:
             if self._services is not None:
                 self._services.start_soon(worker.abort_now)
         self._stop.set()
+        self._aborted.set()
 
     async def reconfigure(self, config: Config, *, max_connections: int | None = None) -> list[str]:
         """SIGHUP: check ``config`` here (a bad one changes nothing anywhere), then apply it to every
@@ -340,9 +342,14 @@ class Master:
             raise gave_up
 
     async def _drain(self) -> None:
-        """Every worker drains at once, within one deadline; none is restarted meanwhile."""
+        """Not ready for ``limits.drain_delay`` (the workers keep accepting), then every worker
+        drains at once, within one deadline; none is restarted meanwhile."""
         self.draining = True
         limits = self._config.limits
+        if limits.drain_delay:
+            self.tracer.emit(Flag.INFO, "server.not_ready", drain_delay=limits.drain_delay)
+            with trio.move_on_after(limits.drain_delay):
+                await self._aborted.wait()
         self.tracer.emit(Flag.INFO, "server.draining", active=self.active, timeout=limits.drain_timeout)
         async with trio.open_nursery() as nursery:
             for worker in self.workers:

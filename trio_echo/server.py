@@ -118,6 +118,7 @@ class EchoServer:
         )
         self._stop = trio.Event()
         self._hard_stop = trio.CancelScope()
+        self._not_ready = False  # stopping: /readyz says so, though drain_delay may keep us accepting
 
     # -- what the admin port and the daemon read ------------------------------------------------------
 
@@ -135,7 +136,8 @@ class EchoServer:
 
     @property
     def draining(self) -> bool:
-        return self.intake.draining
+        """True once a stop began: during ``limits.drain_delay`` (still accepting) and the drain."""
+        return self._not_ready or self.intake.draining
 
     @property
     def addresses(self) -> list[str]:
@@ -304,6 +306,7 @@ class EchoServer:
                         self.tracer.emit(Flag.INFO, "server.ready", listeners=self.addresses)
                         task_status.started(self)
                         await self._stop.wait()
+                        await self._not_ready_for(self.config.limits.drain_delay)
                         self.intake.draining = True
                         for name in self._listener_names:
                             await self.supervisor.terminate_child(name)
@@ -319,6 +322,14 @@ class EchoServer:
         self.tracer.emit(Flag.INFO, "server.stopped", connections=self.stats.total)
         if gave_up is not None:
             raise gave_up
+
+    async def _not_ready_for(self, delay: float) -> None:
+        """The drain delay: /readyz 503 at once, listeners still accepting and connections served
+        (a second signal's abort cancels the wait)."""
+        self._not_ready = True
+        if delay:
+            self.tracer.emit(Flag.INFO, "server.not_ready", drain_delay=delay)
+            await trio.sleep(delay)
 
     async def _drain(self) -> None:
         intake = self.intake
