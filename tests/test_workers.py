@@ -716,3 +716,33 @@ def test_drain_delay_keeps_every_worker_accepting_while_not_ready(daemons: Calla
     assert daemon.proc.wait(timeout=20) == 0
     assert time.monotonic() - signalled >= 1.5
     daemon.log.close()
+
+
+def test_the_agent_check_of_a_master(daemons: Callable[..., Daemon]) -> None:
+    agent = free_port()
+    daemon = daemons(
+        '[server]\nlisten = ["127.0.0.1:0"]\n[limits]\nmax_connections = 10\ndrain_delay = 2.0\n'
+        f'[admin]\nagent_listen = "127.0.0.1:{agent}"\n'
+    )
+    port = daemon.ready()
+
+    def answer() -> bytes:
+        with socket.create_connection(("127.0.0.1", agent), timeout=10) as check:
+            return check.recv(100)
+
+    assert answer() == b"ready up 100%\n"
+    clients = connect(port, 5)
+    assert all(echoes(sock) for sock in clients)
+    wait_until(lambda: daemon.stats()["connections"]["active"] == 5, what="5 open")  # type: ignore[index]
+    wait_until(lambda: answer() == b"ready up 50%\n", what="the weight to follow the load")
+    pid = daemon.workers()[0]["pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGSTOP)  # a worker that does not answer: maint until it is replaced
+    wait_until(lambda: answer() == b"maint\n", what="maint")
+    wait_until(lambda: answer().startswith(b"ready up"), what="ready again after the replacement")
+    for sock in clients:
+        sock.close()
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: answer() == b"drain\n", what="drain")
+    assert daemon.proc.wait(timeout=20) == 0
+    daemon.log.close()

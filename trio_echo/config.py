@@ -249,6 +249,9 @@ class AdminConfig:
     """Most admin channels (WebSocket) at once; one more gets 503. Plain HTTP requests do not count."""
     header_timeout: float = attrs.field(default=5.0, validator=[_finite, _positive])
     """Seconds a request head may take to arrive whole; past it: 408 and close."""
+    agent_listen: str = attrs.field(default="", validator=_admin_address)
+    """HAProxy agent-check port (``agent-check agent-port``): each connection gets one line (``ready
+    up 73%``, ``drain``, ``maint``) and a close; empty = off."""
     max_pending_requests: int = attrs.field(default=256, validator=[_positive, _at_most(65536)])
     """Most connections still sending their request head; when full, the oldest is dropped so a fresh
     request (a liveness probe) always gets in."""

@@ -71,6 +71,9 @@ class Daemon(Protocol):
     @property
     def active(self) -> int: ...
 
+    reload_failed: bool
+    """The last SIGHUP's file was rejected (until one is applied): the agent check says maint."""
+
     def status(self) -> str:
         """The one-line STATUS= for systemctl status."""
 
@@ -98,9 +101,11 @@ async def reload(server: Daemon, load: ConfigLoader, notifier: Notifier) -> None
         max_connections = config.effective_max_connections(raise_nofile_limit())
         needs_restart = await server.reconfigure(config, max_connections=max_connections)
     except ConfigError as exc:
+        server.reload_failed = True
         logger.error("reload failed, keeping the running configuration: %s", exc)
         server.tracer.emit(Flag.ERROR, "config.reloaded", ok=False, message=str(exc))
     else:
+        server.reload_failed = False
         configure_logging(config.log)
         if needs_restart:
             logger.warning("reloaded; these changes require a restart: %s", ", ".join(needs_restart))

@@ -30,6 +30,8 @@ import trio
 
 from ._version import __version__
 from .activation import Inherited
+from .admin.agent import AgentPort
+from .admin.agentcheck import AgentStatus
 from .admin.listing import merge_ranked
 from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
@@ -52,6 +54,7 @@ from .workerstats import first_id, merge_metrics, merge_stats, retired, run_of, 
 logger = logging.getLogger("trio_echo.master")
 
 ADMIN_CHILD = "admin"
+AGENT_CHILD = "agent"
 HEARTBEAT_INTERVAL = 0.5  # seconds between pings to each worker
 HEARTBEAT_TIMEOUT = 3.0  # a worker silent this long is hung: killed and restarted
 DRAIN_GRACE = 5.0  # beyond drain_timeout + linger_timeout before a draining worker is killed
@@ -117,6 +120,10 @@ class Master:
         children = [ChildSpec(worker.name, worker.run, Restart.TRANSIENT) for worker in self.workers]
         if self.admin is not None:
             children.append(ChildSpec(ADMIN_CHILD, self.admin.run, Restart.PERMANENT))
+        if config.admin.agent_listen:
+            agent = AgentPort(config.admin.agent_listen, self.agent_status)
+            children.append(ChildSpec(AGENT_CHILD, agent.run, Restart.PERMANENT))
+        self.reload_failed = False  # set by the daemon's SIGHUP handling; the agent check says maint
         supervisor = config.supervisor
         self.supervisor = Supervisor(
             children,
@@ -160,6 +167,16 @@ class Master:
     def healthy(self) -> bool:
         """Every worker answers its heartbeat (the systemd watchdog is petted only then)."""
         return all(worker.answering for worker in self.workers)
+
+    def agent_status(self) -> AgentStatus:
+        """The HAProxy agent check's view: the workers' load against the configured cap, stopping,
+        or maint (a failed reload, a worker that is not answering or is being restarted)."""
+        return AgentStatus(
+            active=self.active,
+            max_connections=self._config.limits.max_connections or 0,
+            draining=self.draining,
+            maint=self.reload_failed or not self.healthy(),
+        )
 
     def status(self) -> str:
         running = sum(worker.answering for worker in self.workers)

@@ -24,6 +24,7 @@ RESTART_KEYS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("trace.file", lambda c: c.trace.file),
     ("trace.file_max_bytes", lambda c: c.trace.file_max_bytes),
     ("admin.listen", lambda c: c.admin.listen),
+    ("admin.agent_listen", lambda c: c.admin.agent_listen),
     ("supervisor", lambda c: c.supervisor),
 )
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import trio
 
 from ._version import __version__
 from .activation import Inherited
+from .admin.agent import AgentPort
+from .admin.agentcheck import AgentStatus
 from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
 from .admin.view import LocalView
@@ -46,6 +49,7 @@ from .trace import TraceFile, Tracer
 logger = logging.getLogger("trio_echo.server")
 
 ADMIN_CHILD = "admin"
+AGENT_CHILD = "agent"
 Opener = Callable[[], Awaitable[list[ListeningSocket]]]
 
 
@@ -108,6 +112,10 @@ class EchoServer:
             children = [self.listeners.child(entry) for entry in config.server.listen]
         if self.admin is not None:
             children.append(ChildSpec(ADMIN_CHILD, self.admin.run, Restart.PERMANENT))
+        if config.admin.agent_listen:
+            agent = AgentPort(config.admin.agent_listen, self.agent_status)
+            children.append(ChildSpec(AGENT_CHILD, agent.run, Restart.PERMANENT))
+        self.reload_failed = False  # set by the daemon's SIGHUP handling; the agent check says maint
         self.supervisor = Supervisor(
             children,
             max_restarts=config.supervisor.max_restarts,
@@ -157,6 +165,18 @@ class EchoServer:
     def healthy(self) -> bool:
         """Whether the systemd watchdog may be petted: a single process that runs is healthy."""
         return True
+
+    def agent_status(self) -> AgentStatus:
+        """What the HAProxy agent check answers: load, stopping, or maint (a failed reload, a
+        listener being restarted)."""
+        restarting = any(not self.supervisor.running(name) for name in self._listener_names)
+        cap = self.max_connections
+        return AgentStatus(
+            active=self.stats.active,
+            max_connections=cap if cap < sys.maxsize else 0,
+            draining=self.draining,
+            maint=self.reload_failed or restarting,
+        )
 
     def status(self) -> str:
         """The one-line STATUS= for systemctl status: counts, and listeners still retrying."""
