@@ -107,11 +107,24 @@ class Run:
         if self.address.transport == "udp":
             await self._datagrams(index, count)
             return
-        try:
-            stream = await connect(self.address, self.tls)
-        except ClientError:
-            self.tally.errors["connect"] += 1
+        while True:
+            try:
+                stream = await connect(self.address, self.tls)
+            except ClientError:
+                self.tally.errors["connect"] += 1
+                return
+            try:
+                count = await self._serve_one(stream, index, count)
+            except _Closed as closed:  # --reconnect: closed cleanly between round trips; carry on
+                self.tally.reconnects += 1
+                count = closed.remaining
+                if trio.current_time() >= self.deadline:
+                    return
+                continue
             return
+
+    async def _serve_one(self, stream: trio.abc.Stream, index: int, count: int | None) -> int | None:
+        """One connection's run; the round trips still to do if it is replaced (``_Closed``)."""
         pattern = Pattern(self.seed_base + index)
         try:
             async with stream:
@@ -124,6 +137,7 @@ class Run:
         except* (trio.BrokenResourceError, _Failed) as group:
             kinds = [leaf.kind if isinstance(leaf, _Failed) else "reset" for leaf in leaves(group)]
             self.tally.errors[min(kinds, key=FAILURE_PRIORITY.index)] += 1
+        return count
 
     async def _pingpong(
         self, stream: trio.abc.Stream, pattern: Pattern, count: int | None, index: int
@@ -136,8 +150,15 @@ class Run:
                 intended = first + done * interval if interval else trio.current_time()
                 if interval:
                     await trio.sleep_until(intended)
-                await stream.send_all(pattern.chunk(offset, size))
-                await self._expect(stream, pattern, offset, size)
+                try:
+                    await stream.send_all(pattern.chunk(offset, size))
+                    await self._expect(stream, pattern, offset, size)
+                except _Failed as failure:
+                    # A drained server echoes what it has read, then FINs: a round trip that got
+                    # nothing back was never read, and a client that retries sends it again.
+                    if self.opts.reconnect and failure.kind == "eof" and not failure.partial:
+                        raise _Closed(None if count is None else count - done) from None
+                    raise
                 self._record(intended)
                 offset += size
                 done += 1
@@ -194,7 +215,7 @@ class Run:
         while got < size:
             data = await stream.receive_some(size - got)
             if not data:
-                raise _Failed("eof")
+                raise _Failed("eof", partial=got > 0)  # a truncated echo is an error, reconnect or not
             if not pattern.matches(offset + got, data):
                 raise _Failed("mismatch")
             got += len(data)
@@ -263,7 +284,16 @@ class Run:
 FAILURE_PRIORITY = ("mismatch", "eof", "timeout", "reset")
 
 
+class _Closed(Exception):
+    """--reconnect: the server closed the connection with no echo owed; ``remaining`` round trips."""
+
+    def __init__(self, remaining: int | None) -> None:
+        super().__init__(remaining)
+        self.remaining = remaining
+
+
 class _Failed(Exception):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, partial: bool = False) -> None:
         super().__init__(kind)
         self.kind = kind
+        self.partial = partial  # an EOF in the middle of an echo

@@ -55,6 +55,7 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
         part = Tally(result["roundtrips"], result["bytes_echoed"], result["connections"])
         part.errors.update(result["errors"])
         part.lost = result["lost"]
+        part.reconnects = result["reconnects"]
         tally.merge(part)
         histogram.decode_and_add(base64.b64decode(result["histogram"]))
         duration = max(duration, result["duration_s"])
@@ -90,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
                     "connections": tally.connections,
                     "errors": dict(tally.errors),
                     "lost": tally.lost,
+                    "reconnects": tally.reconnects,
                     "duration_s": duration,
                     "histogram": base64.b64encode(histogram.encode()).decode(),
                 }
@@ -133,6 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limit.add_argument("--count", type=positive_int, metavar="N", help="round trips in total (pingpong)")
     parser.add_argument(
         "--rate", type=_positive_float, metavar="R", help="open loop: R messages/s in total (pingpong)"
+    )
+    parser.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="pingpong: when the server closes a connection cleanly with no echo owed (a drain, a "
+        "rolling restart), open a new one and carry on; counted as reconnects, not errors",
     )
     parser.add_argument("--processes", type=positive_int, default=1, metavar="P")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -54,9 +54,13 @@ class Tally:
     errors: collections.Counter[str] = attrs.field(factory=collections.Counter)
     lost: int = 0
     """UDP: datagrams whose echo did not come back in time (not an error: UDP may drop)."""
+    reconnects: int = 0
+    """``--reconnect``: connections the server closed cleanly between round trips (a drain), each
+    replaced by a new one that carried on (not an error: what a client that retries would do)."""
 
     def merge(self, other: Tally) -> None:
         self.lost += other.lost
+        self.reconnects += other.reconnects
         self.roundtrips += other.roundtrips
         self.bytes_echoed += other.bytes_echoed
         self.connections += other.connections
@@ -88,6 +92,7 @@ def report(tally: Tally, *, duration: float, latency_us: dict[str, float], mode:
         "roundtrips": tally.roundtrips,
         "bytes_echoed": tally.bytes_echoed,
         "lost": tally.lost,
+        "reconnects": tally.reconnects,
         "loss_ratio": round(tally.lost / max(1, tally.lost + tally.roundtrips), 6),
     }
 
