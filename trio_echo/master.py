@@ -30,7 +30,7 @@ import trio
 
 from ._version import __version__
 from .activation import Inherited
-from .admin.agent import AgentPort
+from .admin.agent import agent_children
 from .admin.agentcheck import AgentStatus
 from .admin.listing import merge_ranked
 from .admin.metrics import MetricsSnapshot
@@ -54,7 +54,6 @@ from .workerstats import first_id, merge_metrics, merge_stats, retired, run_of, 
 logger = logging.getLogger("trio_echo.master")
 
 ADMIN_CHILD = "admin"
-AGENT_CHILD = "agent"
 HEARTBEAT_INTERVAL = 0.5  # seconds between pings to each worker
 HEARTBEAT_TIMEOUT = 3.0  # a worker silent this long is hung: killed and restarted
 DRAIN_GRACE = 5.0  # beyond drain_timeout + linger_timeout before a draining worker is killed
@@ -120,19 +119,9 @@ class Master:
         children = [ChildSpec(worker.name, worker.run, Restart.TRANSIENT) for worker in self.workers]
         if self.admin is not None:
             children.append(ChildSpec(ADMIN_CHILD, self.admin.run, Restart.PERMANENT))
-        if config.admin.agent_listen:
-            agent = AgentPort(config.admin.agent_listen, self.agent_status)
-            children.append(ChildSpec(AGENT_CHILD, agent.run, Restart.PERMANENT))
+        children += agent_children(config.admin.agent_listen, self.agent_status)
         self.reload_failed = False  # set by the daemon's SIGHUP handling; the agent check says maint
-        supervisor = config.supervisor
-        self.supervisor = Supervisor(
-            children,
-            max_restarts=supervisor.max_restarts,
-            period=supervisor.period,
-            backoff_initial=supervisor.backoff_initial,
-            backoff_max=supervisor.backoff_max,
-            tracer=self.tracer,
-        )
+        self.supervisor = Supervisor.configured(children, config.supervisor, self.tracer)
         self.started = 0.0
         self.draining = False
         self._stop = trio.Event()

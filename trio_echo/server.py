@@ -26,7 +26,7 @@ import trio
 
 from ._version import __version__
 from .activation import Inherited
-from .admin.agent import AgentPort
+from .admin.agent import agent_children
 from .admin.agentcheck import AgentStatus
 from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
@@ -49,7 +49,6 @@ from .trace import TraceFile, Tracer
 logger = logging.getLogger("trio_echo.server")
 
 ADMIN_CHILD = "admin"
-AGENT_CHILD = "agent"
 Opener = Callable[[], Awaitable[list[ListeningSocket]]]
 
 
@@ -112,18 +111,9 @@ class EchoServer:
             children = [self.listeners.child(entry) for entry in config.server.listen]
         if self.admin is not None:
             children.append(ChildSpec(ADMIN_CHILD, self.admin.run, Restart.PERMANENT))
-        if config.admin.agent_listen:
-            agent = AgentPort(config.admin.agent_listen, self.agent_status)
-            children.append(ChildSpec(AGENT_CHILD, agent.run, Restart.PERMANENT))
+        children += agent_children(config.admin.agent_listen, self.agent_status)
         self.reload_failed = False  # set by the daemon's SIGHUP handling; the agent check says maint
-        self.supervisor = Supervisor(
-            children,
-            max_restarts=config.supervisor.max_restarts,
-            period=config.supervisor.period,
-            backoff_initial=config.supervisor.backoff_initial,
-            backoff_max=config.supervisor.backoff_max,
-            tracer=self.tracer,
-        )
+        self.supervisor = Supervisor.configured(children, config.supervisor, self.tracer)
         self._stop = trio.Event()
         self._hard_stop = trio.CancelScope()
         self._not_ready = False  # stopping: /readyz says so, though drain_delay may keep us accepting

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import trio
 
+from .config import SupervisorConfig
 from .errors import SupervisorGaveUp, leaves
 from .events import Flag
 from .restarts import (
@@ -117,6 +118,18 @@ class Supervisor:
             self._add(spec)
         self._nursery: trio.Nursery | None = None
         self._exits_send, self._exits_recv = trio.open_memory_channel[_Exit](math.inf)
+
+    @classmethod
+    def configured(cls, specs: Iterable[ChildSpec], config: SupervisorConfig, tracer: Tracer) -> Supervisor:
+        """A one_for_one supervisor with ``[supervisor]``'s budget and backoff."""
+        return cls(
+            specs,
+            max_restarts=config.max_restarts,
+            period=config.period,
+            backoff_initial=config.backoff_initial,
+            backoff_max=config.backoff_max,
+            tracer=tracer,
+        )
 
     # -- public ---------------------------------------------------------------------------------------
 

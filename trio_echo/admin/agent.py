@@ -16,12 +16,20 @@ import trio
 
 from trio_echo.addresses import parse_address
 from trio_echo.listeners import accept_loop, open_listeners
+from trio_echo.restarts import Restart
+from trio_echo.supervisor import ChildSpec
 
 from .agentcheck import AgentStatus, reply
 
 logger = logging.getLogger("trio_echo.admin")
 
 AGENT_BACKLOG = 128
+AGENT_CHILD = "agent"
+
+
+def agent_children(listen: str, status: Callable[[], AgentStatus]) -> list[ChildSpec]:
+    """The supervisor child serving the agent check on ``listen`` (none when it is empty)."""
+    return [ChildSpec(AGENT_CHILD, AgentPort(listen, status).run, Restart.PERMANENT)] if listen else []
 
 
 class AgentPort:
