@@ -143,10 +143,12 @@ class Master:
     @property
     def addresses(self) -> list[str]:
         """The echo addresses, as the first serving worker reports them."""
-        for worker in self.workers:
-            if worker.answering:
-                return list(worker.addresses)
-        return []
+        serving = self._serving()
+        return list(serving.addresses) if serving is not None else []
+
+    def _serving(self) -> WorkerProcess | None:
+        """The first worker that is up (every worker binds the same addresses)."""
+        return next((worker for worker in self.workers if worker.answering), None)
 
     @property
     def admin_addresses(self) -> list[str]:
@@ -178,10 +180,8 @@ class Master:
     # -- the admin port's view ------------------------------------------------------------------------
 
     def listener_descriptions(self) -> list[dict[str, str]]:
-        for worker in self.workers:
-            if worker.answering:
-                return list(worker.descriptions)
-        return []
+        serving = self._serving()
+        return list(serving.descriptions) if serving is not None else []
 
     async def stats_snapshot(self) -> dict[str, object]:
         await self._ask_all(lambda _: {"type": "stats"})
@@ -207,10 +207,11 @@ class Master:
     async def connections(self, query: ListConnections) -> tuple[int, list[dict[str, object]]]:
         ranked = await self._ask_all(lambda _: {"type": "rank", "query": attrs.asdict(query)})
         total = sum(int(str(reply["total"])) for reply in ranked if reply is not None)
-        candidates = [list(reply["ranked"]) if reply is not None else [] for reply in ranked]  # type: ignore[call-overload]
-        chosen = merge_ranked(
-            [[(value, conn_id) for value, conn_id in c] for c in candidates], query.offset, query.limit
-        )
+        candidates = [
+            [(value, conn_id) for value, conn_id in reply["ranked"]] if reply is not None else []  # type: ignore[attr-defined]
+            for reply in ranked
+        ]
+        chosen = merge_ranked(candidates, query.offset, query.limit)
         wanted: dict[int, list[int]] = {}
         for index, conn_id in chosen:
             wanted.setdefault(index, []).append(conn_id)

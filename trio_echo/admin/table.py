@@ -75,8 +75,8 @@ def rank(connections: Collection[ConnectionInfo], query: ListConnections, now: f
     """``(total, [(value, id), ...])``: the first ``offset + limit`` matches with their sort values
     (ages in seconds, comparable across processes), for a master to merge."""
     top = ListConnections(limit=query.offset + query.limit, offset=0, sort=query.sort, filter=query.filter)
-    total, chosen = select(connections, top, rtt=rtt_of if query.sort == "rtt_us" else None)
     rtt = rtt_of if query.sort == "rtt_us" else None
+    total, chosen = select(connections, top, rtt=rtt)
     return total, [(sort_value(info, query.sort, now, rtt), info.id) for info in chosen]
 
 
