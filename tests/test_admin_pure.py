@@ -87,7 +87,7 @@ from trio_echo.stats import ConnectionInfo
             '{"type":"reboot"}',
             protocol.Invalid(
                 "unknown message type 'reboot' "
-                "(known: subscribe, unsubscribe, connections, close, set_trace_flags)"
+                "(known: subscribe, unsubscribe, connections, close, set_trace_flags, set_faults)"
             ),
         ),
     ],

@@ -72,6 +72,11 @@ def _cidrs(_: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -
             raise ConfigError(f"{attribute.name}[{index}]", item, "is not a CIDR") from None
 
 
+def _probability(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # (NaN fails this too)
+        raise _problem(attribute, value, "must be a probability from 0 to 1")
+
+
 def _workers(_: object, attribute: attrs.Attribute[Any], value: int | str) -> None:
     if value == "auto":
         pass
@@ -112,6 +117,8 @@ class ListenerConfig:
     """Expect a PROXY protocol header (HAProxy ``send-proxy``/``send-proxy-v2``) on every connection."""
     trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
     """CIDRs a PROXY header is accepted from; connections from elsewhere are refused (untrusted_proxy)."""
+    faults: str = ""
+    """A ``[faults.NAME]`` profile every new connection (or datagram) of this entry gets; empty = none."""
 
     def __attrs_post_init__(self) -> None:
         if self.proxy_protocol == "off":
@@ -289,6 +296,69 @@ class TlsConfig:
     """Lowest TLS version accepted."""
 
 
+_seconds = [_finite, _non_negative]
+
+
+@attrs.frozen
+class FaultProfile:
+    """One ``[faults.NAME]`` profile: a misbehaving echo on purpose (0/false = off, every key optional).
+
+    Stream listeners (tcp, tls) use the connection keys, ``udp://`` listeners the datagram keys
+    (``loss``, ``duplicate``, ``reorder``, ``latency``/``jitter``, ``corrupt``); ``probability`` and
+    ``seed`` apply to both. Byte counts start when the profile is applied to a connection.
+    """
+
+    latency: float = attrs.field(default=0.0, validator=_seconds)
+    """Seconds added before each echoed chunk (order always kept)."""
+    jitter: float = attrs.field(default=0.0, validator=_seconds)
+    """+- uniform seconds on ``latency`` (never below 0, order still kept)."""
+    bandwidth: int = attrs.field(default=0, validator=_non_negative)
+    """Echo bytes per second (with ``limits.max_bytes_per_second`` the lower one holds); 0 = off."""
+    slice: int = attrs.field(default=0, validator=_non_negative)
+    """Echo in writes of at most this many bytes ..."""
+    slice_delay: float = attrs.field(default=0.0, validator=_seconds)
+    """... with this pause between them."""
+    reset_after_bytes: int = attrs.field(default=0, validator=_non_negative)
+    """Reset (RST) once this many bytes have been echoed (and the client has them)."""
+    reset_after: float = attrs.field(default=0.0, validator=_seconds)
+    """Reset (RST) this many seconds after the connection opened."""
+    close_after_bytes: int = attrs.field(default=0, validator=_non_negative)
+    """Close gracefully (FIN, no farewell) once this many bytes have been echoed."""
+    stall_after_bytes: int = attrs.field(default=0, validator=_non_negative)
+    """After this many bytes stop reading and echoing, holding the connection until the idle timeout."""
+    blackhole: bool = False
+    """Accept, then never read or send (no greeting either) until the idle timeout."""
+    slow_close: float = attrs.field(default=0.0, validator=_seconds)
+    """After the client's EOF (and its echo), wait this long before our farewell and FIN."""
+    corrupt: float = attrs.field(default=0.0, validator=_probability)
+    """Probability per echoed chunk (or datagram) that exactly one of its bytes is changed."""
+    loss: float = attrs.field(default=0.0, validator=_probability)
+    """UDP: probability of dropping a datagram."""
+    duplicate: float = attrs.field(default=0.0, validator=_probability)
+    """UDP: probability of echoing a datagram twice."""
+    reorder: float = attrs.field(default=0.0, validator=_probability)
+    """UDP: probability of holding a datagram back until the next one has been echoed."""
+    probability: float = attrs.field(default=1.0, validator=_probability)
+    """Share of new connections (or datagrams) the profile applies to."""
+    seed: int = attrs.field(default=0, validator=_non_negative)
+    """0: random; set it for a reproducible run (tests)."""
+
+    def to_dict(self) -> dict[str, object]:
+        """The keys that are set (differ from off), as the admin channel shows a profile."""
+        off = FaultProfile()
+        return {
+            field.name: getattr(self, field.name)
+            for field in attrs.fields(FaultProfile)
+            if getattr(self, field.name) != getattr(off, field.name)
+        }
+
+
+def _fault_profiles(_: object, attribute: attrs.Attribute[Any], value: dict[str, FaultProfile]) -> None:
+    for name in value:
+        if not name or len(name) > 64:
+            raise ConfigError(attribute.name, name, "a profile name is 1 to 64 characters")
+
+
 @attrs.frozen
 class Config:
     """The whole configuration; every section optional."""
@@ -300,8 +370,18 @@ class Config:
     admin: AdminConfig = AdminConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     tls: TlsConfig = TlsConfig()
+    faults: dict[str, FaultProfile] = attrs.field(factory=dict, validator=_fault_profiles, hash=False)
+    """``[faults.NAME]`` tables: named fault profiles for listen entries and the admin channel."""
 
     def __attrs_post_init__(self) -> None:
+        for index, entry in enumerate(self.server.listen):
+            if entry.faults and entry.faults not in self.faults:
+                known = ", ".join(self.faults) or "none defined"
+                raise ConfigError(
+                    f"server.listen[{index}].faults",
+                    entry.faults,
+                    f"no [faults.NAME] profile by that name ({known})",
+                )
         uses_tls = any(entry.address.transport == "tls" for entry in self.server.listen)
         if uses_tls and not (self.tls.cert_file and self.tls.key_file):
             raise ConfigError(

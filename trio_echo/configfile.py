@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from .addresses import parse_address
-from .config import SECTIONS, Config, ListenerConfig
+from .config import SECTIONS, Config, FaultProfile, ListenerConfig
 from .errors import AddressError, ConfigError
 from .events import Flag, format_flags, parse_flags
 
@@ -68,12 +68,29 @@ def config_from_mapping(data: Mapping[str, object]) -> Config:
     """Build a :class:`Config` from a parsed-TOML mapping (see :func:`config_from_toml`)."""
     sections: dict[str, Any] = {}
     for name, value in data.items():
-        if name not in SECTIONS:
-            raise ConfigError(name, value, f"unknown section{_suggestion(name, SECTIONS)}")
+        if name not in SECTIONS and name != "faults":
+            raise ConfigError(name, value, f"unknown section{_suggestion(name, [*SECTIONS, 'faults'])}")
         if not isinstance(value, Mapping):
             raise ConfigError(name, value, "expected a table")
-        sections[name] = _build(SECTIONS[name], value, name)
+        if name == "faults":
+            sections[name] = {
+                str(profile): fault_profile(table, f"faults.{profile}") for profile, table in value.items()
+            }
+        else:
+            sections[name] = _build(SECTIONS[name], value, name)
     return Config(**sections)
+
+
+def fault_profile(data: object, prefix: str = "faults") -> FaultProfile:
+    """One fault profile from a TOML table or an admin message's JSON object.
+
+    Raises:
+        ConfigError: naming ``prefix.key`` for an unknown key, a wrong type or a bad value.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix, data, "expected a table of fault keys")
+    profile: FaultProfile = _build(FaultProfile, data, prefix)
+    return profile
 
 
 def _build(
@@ -203,6 +220,10 @@ def config_to_toml(config: Config, *, max_connections: int | None = None) -> str
             if value is None:
                 continue
             lines.append(f"{field.name} = {_toml_value(value)}")
+        lines.append("")
+    for profile_name, profile in config.faults.items():
+        lines.append(f"[faults.{_toml_string(profile_name)}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in profile.to_dict().items())
         lines.append("")
     return "\n".join(lines)
 

@@ -36,6 +36,7 @@ import trio
 from .closing import close_gracefully
 from .echo import Step
 from .events import Flag
+from .faulted import FaultedPump, reset
 from .listeners import as_stream
 from .pump import SocketPump, Wait
 from .reasons import Phase, Reason
@@ -79,36 +80,30 @@ class Connection(SocketPump):
         reason = Reason.ERROR
         try:
             stream = self.stream
+            faulted = False  # faults from the start, or set live: on as the faulted pump
             if isinstance(stream, socket.socket):
-                self.scope.deadline = self._idle_deadline()
-                while True:  # resumed in a fresh scope whenever a lazy idle deadline fired early
-                    with self.scope:
-                        while (wait := self._advance(stream)) is not Wait.DONE:
-                            if wait is Wait.READABLE:
-                                await trio.lowlevel.wait_readable(stream)
-                            elif wait is Wait.YIELD:
-                                await trio.lowlevel.checkpoint()
-                            elif wait is Wait.WRITABLE:
-                                await trio.lowlevel.wait_writable(stream)
-                            else:
-                                await trio.sleep(self._delay)
-                    if not self.scope.cancelled_caught:
-                        reason = Reason.EOF
-                        break
-                    expired = self._expired(lazy=True)
-                    if expired is not None:
-                        reason = expired
-                        break
-                    self.scope = trio.CancelScope(deadline=self._idle_deadline())
+                if self.faults is None:
+                    pumped = await self._socket_pump(stream)
+                    faulted = pumped is None
+                    reason = pumped or reason
+                else:
+                    faulted = True
+                if faulted:
+                    self.stream = stream = as_stream(stream)
             else:
                 with self.scope:
                     if isinstance(stream, trio.SSLStream) and not await self._handshake(stream):
                         reason = Reason.TLS_HANDSHAKE
-                    else:
-                        await self._pump(stream)
+                    elif await self._pump(stream):
                         reason = Reason.EOF
+                    else:
+                        faulted = True
                 if self.scope.cancelled_caught:
+                    faulted = False
                     reason = self._expired(lazy=False) or Reason.ERROR
+            if faulted:
+                assert not isinstance(stream, socket.socket)
+                reason = await self._faulted(stream)
         except trio.BrokenResourceError as exc:
             # A TLS error before any data: the handshake failed (with TLS 1.3 a rejected client
             # certificate surfaces at the first read, after do_handshake returned).
@@ -130,6 +125,39 @@ class Connection(SocketPump):
                 if self.policy.on_close is not None:
                     self.policy.on_close(self, reason)
         return reason
+
+    async def _socket_pump(self, stream: socket.socket) -> Reason | None:
+        """The hot path; None when faults were set live (go on as the faulted pump)."""
+        self.scope.deadline = self._idle_deadline()
+        while True:  # resumed in a fresh scope whenever a lazy idle deadline fired early
+            with self.scope:
+                while (wait := self._advance(stream)) is not Wait.DONE:
+                    if wait is Wait.READABLE:
+                        await trio.lowlevel.wait_readable(stream)
+                    elif wait is Wait.YIELD:
+                        await trio.lowlevel.checkpoint()
+                    elif wait is Wait.WRITABLE:
+                        await trio.lowlevel.wait_writable(stream)
+                    else:
+                        await trio.sleep(self._delay)
+            if not self.scope.cancelled_caught:
+                return Reason.EOF
+            if self.faults is not None and self.close_reason is None:
+                return None  # set_faults interrupted a wait, where nothing is lost
+            expired = self._expired(lazy=True)
+            if expired is not None:
+                return expired
+            self.scope = trio.CancelScope(deadline=self._idle_deadline())
+
+    async def _faulted(self, stream: trio.abc.Stream) -> Reason:
+        """The rest of the connection through its faults (``faulted.py``), within its lifetime."""
+        assert self.faults is not None
+        if self.close_reason is not None:
+            return self.close_reason
+        self.scope = trio.CancelScope(deadline=self._lifetime_deadline)
+        with self.scope:
+            return await FaultedPump(stream, self.session, self.policy, self.faults, self.conn_id).run()
+        return self.close_reason or Reason.LIFETIME
 
     def _failed(self) -> None:
         # A bug hit by one client must not take down the others: log it, close this one only.
@@ -154,9 +182,11 @@ class Connection(SocketPump):
                 return False
         return not scope.cancelled_caught
 
-    async def _pump(self, stream: trio.abc.Stream) -> None:
+    async def _pump(self, stream: trio.abc.Stream) -> bool:
+        """Echo until the session is done (True) or faults were set live (False: the faulted pump
+        goes on from here)."""
         session = self.session
-        while True:
+        while self.faults is None:
             step = session.next_step()
             if step is Step.SEND:
                 self._arm(self.policy.send_timeout, Phase.SEND)
@@ -180,7 +210,8 @@ class Connection(SocketPump):
                     await stream.send_eof()
                 session.sent_eof()
             else:
-                return
+                return True
+        return False
 
     # -- closing --------------------------------------------------------------------------------------
 
@@ -189,8 +220,11 @@ class Connection(SocketPump):
             await trio.aclose_forcefully(self.stream)  # type: ignore[arg-type]  # (never a raw socket)
             return
         session = self.session
+        resetting = self.faults is not None and self.faults.reset
         linger = (
-            self.policy.linger_timeout if reason is not Reason.RESET and not session.eof_received else 0.0
+            self.policy.linger_timeout
+            if reason is not Reason.RESET and not session.eof_received and not resetting
+            else 0.0
         )
         if linger and not session.eof_sent:
             session.sent_eof()  # close_gracefully shuts our write side first
@@ -198,4 +232,8 @@ class Connection(SocketPump):
         stream = self.stream
         if isinstance(stream, socket.socket):
             stream = as_stream(stream)
+        if resetting:
+            reset(stream)  # SO_LINGER 0: the close sends RST (and TLS sends no close_notify first)
+            await trio.aclose_forcefully(stream)
+            return
         await close_gracefully(stream, linger_timeout=linger, shut_write=True)

@@ -22,6 +22,7 @@ import trio
 
 from .addresses import format_sockaddr
 from .events import Flag
+from .faults import DatagramFaults, FaultPlan
 from .stats import DatagramCounts
 from .trace import Tracer
 
@@ -35,6 +36,8 @@ STALE_ERRNOS = frozenset(
 )
 
 Verdict = Callable[[str, int], str | None]
+PlanOf = Callable[[], FaultPlan | None]
+OnFault = Callable[[str, dict[str, object]], None]
 
 
 async def echo_datagrams(
@@ -45,22 +48,33 @@ async def echo_datagrams(
     dropped: collections.Counter[str],
     tracer: Tracer,
     listener: str,
+    plan_of: PlanOf = lambda: None,
+    on_fault: OnFault | None = None,
 ) -> None:
     """Echo datagrams on the non-blocking UDP ``sock`` forever.
 
     ``verdict(ip, size)`` decides each one: ``None`` echoes it, otherwise it is dropped and counted
     under the returned reason. Counts go to ``counts``/``dropped``; trace events are ``udp.echo``
-    (``data`` flag) and ``udp.dropped`` (``conn`` flag).
+    (``data`` flag) and ``udp.dropped`` (``conn`` flag). ``plan_of()`` is the listener's fault profile
+    now (asked per datagram: the admin channel may change it); what it does is reported to
+    ``on_fault(kind, fields)``, and a datagram it drops is counted under ``fault``.
     """
     buffer = bytearray(RECEIVE_BUFFER)
     view = memoryview(buffer)
     done = 0
+    plan: FaultPlan | None = None
+    shaper: DatagramFaults | None = None
     while True:
         try:
             size, peer = sock.recvfrom_into(buffer)
         except BlockingIOError:
             done = 0
-            await trio.lowlevel.wait_readable(sock)
+            if shaper is not None and len(shaper):  # delayed echoes are waiting: wake for them too
+                with trio.move_on_at(shaper.next_due):
+                    await trio.lowlevel.wait_readable(sock)
+                _send_due(sock, shaper, counts, dropped)
+            else:
+                await trio.lowlevel.wait_readable(sock)
             continue
         except OSError as exc:
             if exc.errno not in STALE_ERRNOS:
@@ -69,7 +83,20 @@ async def echo_datagrams(
         counts.received += 1
         counts.bytes_in += size
         reason = "loop_port" if peer[1] in LOOP_PORTS else verdict(peer[0], size)
-        if reason is None:
+        if (current := plan_of()) is not plan:
+            plan, shaper = current, current.datagrams() if current is not None else None
+        if reason is None and shaper is not None:
+            kinds = shaper.shape(bytes(view[:size]), peer, trio.current_time())
+            for kind in kinds:
+                if on_fault is not None and kind != "overflow":
+                    on_fault(kind, {"listener": listener, "peer": format_sockaddr(peer)})
+            if "overflow" in kinds:
+                reason = "fault_queue_full"  # latency holds at most MAX_DELAYED_DATAGRAMS
+            elif "loss" in kinds:
+                reason = "fault"
+            else:
+                _send_due(sock, shaper, counts, dropped)
+        elif reason is None:
             try:
                 sock.sendto(view[:size], peer)
             except BlockingIOError:
@@ -96,3 +123,19 @@ async def echo_datagrams(
         if done >= FAIR_SHARE:  # a flood must not starve the TCP connections or ignore cancellation
             done = 0
             await trio.lowlevel.checkpoint()
+
+
+def _send_due(
+    sock: socket.socket, shaper: DatagramFaults, counts: DatagramCounts, dropped: collections.Counter[str]
+) -> None:
+    """Send the faulted echoes whose time has come (never waiting, as any echo)."""
+    for datagram, peer in shaper.due_now(trio.current_time()):
+        try:
+            sock.sendto(datagram, peer)
+        except BlockingIOError:
+            dropped["send_buffer_full"] += 1
+        except OSError:
+            dropped["send_error"] += 1
+        else:
+            counts.echoed += 1
+            counts.bytes_out += len(datagram)

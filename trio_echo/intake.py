@@ -27,6 +27,7 @@ from .closing import refuse
 from .connection import Connection
 from .echo import EchoSession
 from .events import Flag
+from .faults import FaultPlan
 from .listeners import ListeningSocket, as_stream
 from .policy import Closed, ConnectionPolicy
 from .proxied import receive_header
@@ -79,12 +80,23 @@ class Intake:
             # Grow only: open connections may still read up to their own (older) buffer size.
             self._scratch = memoryview(bytearray(limits.buffer_size))
         client = ConnectionPolicy.from_limits(
-            limits, tracer=self.tracer, scratch=self._scratch, on_close=self._closed
+            limits,
+            tracer=self.tracer,
+            scratch=self._scratch,
+            on_close=self._closed,
+            on_fault=self.fault_applied,
         )
         self._client_policy = client
         self._health_check_policy = attrs.evolve(client, on_close=self._health_check_closed)
         self._tls_context = tls_context
         self.settings = settings
+        # The fault profile in force per listener: the file's, until the admin channel sets another
+        # (a reload applies the file's again).
+        self.fault_plans: dict[str, FaultPlan] = {
+            entry.label: FaultPlan(entry.faults, settings.config.faults[entry.faults])
+            for entry in settings.config.server.listen
+            if entry.faults
+        }
 
     @property
     def held(self) -> int:
@@ -146,6 +158,12 @@ class Intake:
         info.ip = ip
         self._serve(stream, info)
 
+    def fault_applied(self, conn_id: int, kind: str, fields: dict[str, object]) -> None:
+        """``policy.on_fault``: count a fault and trace it (``fault.applied``)."""
+        self.stats.faults[kind] += 1
+        if self.tracer.conn:
+            self.tracer.emit(Flag.CONN, "fault.applied", kind=kind, conn_id=conn_id, **fields)
+
     def _transport(self, sock: stdlib_socket.socket, label: str) -> Client:
         """What the connection talks to: the socket itself (the pump's fast path uses it directly),
         or on a ``tls://`` listener a TLS stream over it (the handshake runs in the connection's task,
@@ -186,7 +204,8 @@ class Intake:
         connection keeps one frame less), with the bookkeeping before it here and after it in
         ``_closed``."""
         assert self.handlers is not None
-        conn = Connection(stream, info, self._client_policy)
+        plan = self.fault_plans.get(info.listener)
+        conn = Connection(stream, info, self._client_policy, plan.draw() if plan is not None else None)
         info.handle = conn
         if self.draining:
             conn.close(Reason.DRAIN)
@@ -203,7 +222,13 @@ class Intake:
         assert self.handlers is not None
         self.stats.health_checks[label] += 1
         session = EchoSession(self.settings.config.limits.buffer_size)
-        conn = Connection(self._transport(sock, label), session, self._health_check_policy)
+        plan = self.fault_plans.get(label)  # a faulty backend fails its load balancer's checks too
+        conn = Connection(
+            self._transport(sock, label),
+            session,
+            self._health_check_policy,
+            plan.draw() if plan is not None else None,
+        )
         self.health_checks[session] = conn
         if self.draining:
             conn.close(Reason.DRAIN)

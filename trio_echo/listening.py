@@ -132,6 +132,8 @@ class Listeners:
             dropped=self.stats.dropped,
             tracer=self.tracer,
             listener=label,
+            plan_of=lambda: self.intake.fault_plans.get(label),
+            on_fault=functools.partial(self.intake.fault_applied, 0),
         )
 
     def _datagram_verdict(self, ip: str, size: int) -> str | None:

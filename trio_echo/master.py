@@ -35,12 +35,13 @@ from .admin.agentcheck import AgentStatus
 from .admin.listing import merge_ranked
 from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
-from .admin.protocol import ListConnections
-from .config import Config, ListenerConfig
+from .admin.protocol import ListConnections, fault_spec, fault_spec_json
+from .config import Config, FaultProfile, ListenerConfig
 from .configfile import config_to_toml
 from .control import Message
 from .errors import SupervisorGaveUp, leaves
 from .events import Flag
+from .faults import plan_for
 from .listeners import ListeningSocket, open_listeners
 from .reasons import Reason
 from .restarts import Restart
@@ -127,6 +128,9 @@ class Master:
         self._stop = trio.Event()
         self._aborted = trio.Event()
         self._services: trio.Nursery | None = None
+        # Listener faults set live (label -> the spec as sent), for workers started later; a reload
+        # applies the file's again.
+        self._fault_overrides: dict[str, object] = {}
         # The counters of worker runs that have ended (as last reported), so totals never go back.
         self._retired: dict[str, dict[str, object]] = {"stats": {}, "metrics": {}}
 
@@ -187,7 +191,42 @@ class Master:
         await self._ask_all(lambda _: {"type": "stats"})
         rows = [self._row(worker) for worker in self.workers]
         reports = [self._retired["stats"], *(w.last_report["stats"] for w in self.workers if w.last_report)]
-        return merge_stats(reports, uptime=trio.current_time() - self.started, workers=rows)
+        merged = merge_stats(reports, uptime=trio.current_time() - self.started, workers=rows)
+        return {**merged, "faults": self._faults_in_force()}
+
+    def _faults_in_force(self) -> dict[str, object]:
+        in_force: dict[str, object] = {}
+        for entry in self._config.server.listen:
+            spec: object = self._fault_overrides.get(entry.label, entry.faults or None)
+            plan = plan_for(fault_spec(spec), self._config.faults)
+            in_force[entry.label] = plan.describe() if plan is not None else None
+        return in_force
+
+    async def set_faults(
+        self, spec: str | FaultProfile | None, *, listener: str | None, conn_id: int | None
+    ) -> dict[str, object] | None:
+        plan = plan_for(spec, self._config.faults)  # an unknown name: nothing is sent anywhere
+        sent = fault_spec_json(spec)
+        if conn_id is not None:
+            run = run_of(conn_id)
+            owner = next((worker for worker in self.workers if worker.run_number == run), None)
+            reply = (
+                await owner.request({"type": "set_faults", "conn": conn_id, "faults": sent})
+                if owner
+                else None
+            )
+            if reply is None or reply.get("ok") is not True:
+                raise LookupError(f"no open connection with id {conn_id}")
+        else:
+            replies = await self._ask_all(
+                lambda _: {"type": "set_faults", "listener": listener, "faults": sent}
+            )
+            answered = [reply for reply in replies if reply is not None]
+            refused = next((reply for reply in answered if reply.get("ok") is not True), None)
+            if refused is not None or not answered:
+                raise LookupError(str(refused.get("error")) if refused else "no worker is answering")
+            self._fault_overrides[str(answered[0]["listener"])] = sent
+        return plan.describe() if plan is not None else None
 
     async def metrics_snapshot(self) -> MetricsSnapshot:
         await self._ask_all(lambda _: {"type": "stats"})
@@ -298,6 +337,7 @@ class Master:
             elif answer is not None:
                 needs_restart += [key for key in answer.get("restart", []) if key not in needs_restart]  # type: ignore[attr-defined]
         self._config = config
+        self._fault_overrides.clear()  # the workers apply the file's profiles again, as the file says
         self.tracer.flags = config.trace.flags
         if self.admin is not None and "admin.listen" not in needs_restart:
             self.admin.reconfigure(config.admin)
@@ -435,6 +475,7 @@ class Master:
             "index": index,
             "first_id": first_id(run),
             "config": config_to_toml(self._worker_config),
+            "faults": self._fault_overrides,
             "max_connections": self._shares()[index],
             "shared": {
                 label: [item.sock.fileno() for item in items] for label, items in self._shared.items()

@@ -29,6 +29,7 @@ class Closed(Protocol):
 
 
 OnClose = Callable[[Closed, Reason], None]
+OnFault = Callable[[int, str, dict[str, object]], None]
 
 
 def _off_is_inf(value: float) -> float:
@@ -50,6 +51,8 @@ class ConnectionPolicy:
             Without it the pump allocates a private buffer when its first byte arrives.
         on_close: called as ``on_close(connection, reason)`` once the stream is closed (the server's
             bookkeeping; one function for every connection, so none holds a closure).
+        on_fault: called as ``on_fault(conn_id, kind, fields)`` for each fault applied (the
+            ``fault.applied`` event and the counter).
     """
 
     idle_timeout: float = attrs.field(default=0.0, converter=_off_is_inf)
@@ -61,6 +64,7 @@ class ConnectionPolicy:
     tracer: Tracer | None = None
     scratch: memoryview | None = None
     on_close: OnClose | None = None
+    on_fault: OnFault | None = None
 
     @classmethod
     def from_limits(
@@ -70,6 +74,7 @@ class ConnectionPolicy:
         tracer: Tracer | None = None,
         scratch: memoryview | None = None,
         on_close: OnClose | None = None,
+        on_fault: OnFault | None = None,
     ) -> ConnectionPolicy:
         """The ``[limits]`` section's timeouts and bandwidth cap, with these hooks."""
         return cls(
@@ -82,6 +87,7 @@ class ConnectionPolicy:
             tracer=tracer,
             scratch=scratch,
             on_close=on_close,
+            on_fault=on_fault,
         )
 
 

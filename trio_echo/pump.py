@@ -19,6 +19,7 @@ import trio
 from . import timeouts
 from .echo import EchoSession, Step
 from .events import Flag
+from .faults import ConnectionFaults
 from .policy import DEFAULT_POLICY, ConnectionPolicy
 from .ratelimit import TokenBucket
 from .reasons import Phase, Reason
@@ -55,6 +56,7 @@ class SocketPump:
         "_read_cap",
         "_receiving",
         "close_reason",
+        "faults",
         "policy",
         "scope",
         "session",
@@ -66,12 +68,15 @@ class SocketPump:
         stream: trio.abc.Stream | socket.socket,
         session: EchoSession,
         policy: ConnectionPolicy = DEFAULT_POLICY,
+        faults: ConnectionFaults | None = None,
     ) -> None:
         self.stream = stream
         self.session = session
         self.policy = policy
         self.scope = trio.CancelScope()
         self.close_reason: Reason | None = None
+        # Set: the connection runs the faulted pump (faulted.py); the socket pump never looks at it.
+        self.faults = faults
         now = trio.current_time()
         self._lifetime_deadline = now + policy.max_lifetime if policy.max_lifetime else math.inf
         self._phase = Phase.IDLE
@@ -111,6 +116,17 @@ class SocketPump:
         if self.close_reason is None:
             self.close_reason = reason
         self.scope.cancel()
+
+    def set_faults(self, faults: ConnectionFaults | None) -> None:
+        """Apply ``faults`` (None: none from now on) to the open connection. The socket pump is
+        interrupted at its wait (where it can resume: nothing is lost) and carries on as the faulted
+        pump; the stream pump looks before each step."""
+        if self.faults is not None:  # the faulted pump runs: it re-reads the profile
+            self.faults.become(faults or ConnectionFaults.none())
+            return
+        self.faults = faults
+        if isinstance(self.stream, socket.socket) and faults is not None:
+            self.scope.cancel()
 
     # -- the socket pump (synchronous half) -----------------------------------------------------------
 

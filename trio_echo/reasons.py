@@ -20,6 +20,7 @@ class Reason(enum.StrEnum):
     RESET = "reset"  # the peer reset or vanished
     DRAIN = "drain"
     ADMIN = "admin"  # closed by id from the admin channel
+    FAULT = "fault"  # ended on purpose by its fault profile (reset, close, stall, black hole)
     TLS_HANDSHAKE = "tls_handshake"
     ERROR = "error"  # a bug, logged with its traceback
     # refusals

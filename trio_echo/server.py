@@ -32,9 +32,10 @@ from .admin.metrics import MetricsSnapshot
 from .admin.port import AdminServer
 from .admin.view import LocalView
 from .admission import Admission
-from .config import Config
+from .config import Config, FaultProfile
 from .errors import SupervisorGaveUp, leaves
 from .events import Flag
+from .faults import plan_for
 from .intake import Intake
 from .listeners import ListeningSocket
 from .listening import Listeners, adopted_label
@@ -220,7 +221,49 @@ class EchoServer:
             datagrams_in={name: counts.received for name, counts in stats.datagrams.items()},
             datagrams_out={name: counts.echoed for name, counts in stats.datagrams.items()},
             datagrams_dropped=dict(stats.dropped),
+            faults=dict(stats.faults),
         )
+
+    def faults_in_force(self) -> dict[str, object]:
+        """Each listener's fault profile now (``None``: none), for the stats message."""
+        plans = self.intake.fault_plans
+        return {name: plans[name].describe() if name in plans else None for name in self._listener_names}
+
+    def listener_label(self, name: str) -> str:
+        """The listen entry a name or bound address refers to.
+
+        Raises:
+            LookupError: neither a listener's name nor one of its bound addresses.
+        """
+        for label in self._listener_names:
+            value = self.supervisor.value(label)
+            bound = value if isinstance(value, list) else []
+            if name == label or name in bound or name.removeprefix("udp://") in bound:
+                return label
+        raise LookupError(f"no listener {name!r} (listeners: {', '.join(self._listener_names)})")
+
+    def set_faults(
+        self, spec: str | FaultProfile | None, *, listener: str | None = None, conn_id: int | None = None
+    ) -> dict[str, object] | None:
+        """Put a fault profile (by name, inline, or None for none) on a listener's new connections,
+        or on one open connection; return what is in force now.
+
+        Raises:
+            LookupError: an unknown profile name, listener or connection (nothing changed).
+        """
+        plan = plan_for(spec, self.config.faults)
+        if listener is not None:
+            label = self.listener_label(listener)
+            if plan is None:
+                self.intake.fault_plans.pop(label, None)
+            else:
+                self.intake.fault_plans[label] = plan
+        else:
+            info = self.stats.connections.get(conn_id or 0)
+            if info is None or info.handle is None:
+                raise LookupError(f"no open connection with id {conn_id}")
+            info.handle.set_faults(plan.for_connection() if plan is not None else None)
+        return plan.describe() if plan is not None else None
 
     def close_connection(self, conn_id: int, reason: Reason = Reason.ADMIN) -> bool:
         """Close one connection gracefully; False if no such connection is open."""

@@ -13,6 +13,7 @@ from typing import NotRequired, Protocol, TypedDict, Unpack
 import attrs
 
 from .echo import EchoSession
+from .faults import ConnectionFaults
 from .reasons import Reason
 
 
@@ -24,6 +25,8 @@ class Handle(Protocol):
         """The client stream or socket (I/O code reports on it: TCP_INFO)."""
 
     def close(self, reason: Reason) -> None: ...
+
+    def set_faults(self, faults: ConnectionFaults | None) -> None: ...
 
 
 class SessionOptions(TypedDict):
@@ -92,6 +95,8 @@ class Stats:
     )
     dropped: collections.Counter[str] = attrs.field(factory=collections.Counter)
     """UDP datagrams received but not echoed, by reason."""
+    faults: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Faults applied on purpose, by kind (``fault.applied`` events)."""
     _next_id: int = 1
 
     def open(

@@ -86,6 +86,9 @@ class Worker:
             else {},
             first_id=int(str(start["first_id"])),
         )
+        overrides = start.get("faults")
+        for label, spec in (overrides if isinstance(overrides, dict) else {}).items():
+            self._set_faults({"listener": label, "faults": spec})  # set live before this run began
         self.aborted = False
 
     async def run(self) -> int:
@@ -152,6 +155,8 @@ class Worker:
                 }
             case "close":
                 return {"ok": server.close_connection(int(str(message.get("conn"))), Reason.ADMIN)}
+            case "set_faults":
+                return self._set_faults(message)
             case "reconfigure":
                 return await self._reconfigure(message)
             case "wanted":
@@ -170,6 +175,20 @@ class Worker:
             "stats": self.server.stats.snapshot(now),
             "metrics": attrs.asdict(self.server.metrics_snapshot()),
         }
+
+    def _set_faults(self, message: Message) -> Message:
+        listener, conn = message.get("listener"), message.get("conn")
+        try:
+            spec = protocol.fault_spec(message.get("faults"))
+            in_force = self.server.set_faults(
+                spec,
+                listener=listener if isinstance(listener, str) else None,
+                conn_id=conn if isinstance(conn, int) else None,
+            )
+            label = self.server.listener_label(listener) if isinstance(listener, str) else None
+        except (LookupError, ConfigError) as exc:
+            return {"ok": False, "error": str(exc.args[0]) if isinstance(exc, LookupError) else str(exc)}
+        return {"ok": True, "faults": in_force, "listener": label}
 
     async def _reconfigure(self, message: Message) -> Message:
         reopen_logs()

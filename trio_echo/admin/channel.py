@@ -90,6 +90,15 @@ class AdminChannel:
             case protocol.SetTraceFlags(flags=flags):
                 server.tracer.flags = flags
                 return protocol.reply("set_trace_flags", ok=True, flags=format_flags(flags))
+            case protocol.SetFaults(faults=spec, listener=listener, id=conn_id):
+                try:
+                    in_force = await server.set_faults(spec, listener=listener, conn_id=conn_id)
+                except LookupError as exc:
+                    return protocol.error(f"set_faults: {exc.args[0]}")
+                target: dict[str, object] = (
+                    {"listener": listener} if listener is not None else {"id": conn_id}
+                )
+                return protocol.reply("set_faults", ok=True, **target, faults=in_force)
             case protocol.Invalid(message=message):
                 return protocol.error(message)
         raise AssertionError(request)  # pragma: no cover - the match is exhaustive

@@ -29,6 +29,7 @@ class MetricsSnapshot:
     datagrams_dropped: Mapping[str, int] = attrs.field(factory=dict)  # per reason
     admin_requests_dropped: Mapping[str, int] = attrs.field(factory=dict)  # per reason
     workers: Mapping[str, int] = attrs.field(factory=dict)  # worker processes per state (a master only)
+    faults: Mapping[str, int] = attrs.field(factory=dict)  # faults applied on purpose, per kind
 
 
 def _escape(value: str) -> str:
@@ -99,6 +100,12 @@ FAMILIES: tuple[tuple[str, str, str, Samples], ...] = (
         "counter",
         "UDP datagrams received and not echoed, by reason.",
         lambda snapshot: _labelled("reason", snapshot.datagrams_dropped),
+    ),
+    (
+        "faults_applied_total",
+        "counter",
+        "Faults applied on purpose ([faults.NAME] profiles, set_faults), by kind.",
+        lambda snapshot: _labelled("kind", snapshot.faults),
     ),
     (
         "admin_requests_dropped_total",

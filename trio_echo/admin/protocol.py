@@ -12,6 +12,9 @@ from collections.abc import Mapping
 
 import attrs
 
+from trio_echo.config import FaultProfile
+from trio_echo.configfile import fault_profile
+from trio_echo.errors import ConfigError
 from trio_echo.events import Flag, format_flags, parse_flags
 
 SUBPROTOCOL = "trio-echo.v1"
@@ -55,14 +58,42 @@ class SetTraceFlags:
     flags: Flag
 
 
+FaultSpec = str | FaultProfile | None  # a profile's name, an inline profile, or none
+
+
+@attrs.frozen
+class SetFaults:
+    """Faults for a listener's new connections (``listener``), or for one open connection (``id``)."""
+
+    faults: FaultSpec
+    listener: str | None = None
+    id: int | None = None
+
+
+def fault_spec_json(spec: FaultSpec) -> object:
+    """The spec as the message carried it (for forwarding to worker processes)."""
+    return spec.to_dict() if isinstance(spec, FaultProfile) else spec
+
+
+def fault_spec(value: object) -> FaultSpec:
+    """A spec back from :func:`fault_spec_json` (a worker's side of the link).
+
+    Raises:
+        ConfigError: an object with a bad key or value.
+    """
+    if isinstance(value, Mapping):
+        return fault_profile(value)
+    return value if isinstance(value, str) else None
+
+
 @attrs.frozen
 class Invalid:
     message: str
 
 
-Request = Subscribe | Unsubscribe | ListConnections | CloseConnection | SetTraceFlags | Invalid
+Request = Subscribe | Unsubscribe | ListConnections | CloseConnection | SetTraceFlags | SetFaults | Invalid
 
-KNOWN_TYPES = ("subscribe", "unsubscribe", "connections", "close", "set_trace_flags")
+KNOWN_TYPES = ("subscribe", "unsubscribe", "connections", "close", "set_trace_flags", "set_faults")
 
 
 def parse_request(text: str | bytes) -> Request:
@@ -91,6 +122,8 @@ def parse_request(text: str | bytes) -> Request:
         if isinstance(conn_id, bool) or not isinstance(conn_id, int):
             return Invalid("close: 'id' must be an integer connection id")
         return CloseConnection(conn_id)
+    if kind == "set_faults":
+        return _set_faults(data)
     return Invalid(f"unknown message type {kind!r} (known: {', '.join(KNOWN_TYPES)})")
 
 
@@ -108,6 +141,29 @@ def _list_connections(data: Mapping[str, object]) -> ListConnections | Invalid:
     if not isinstance(needle, str) or len(needle) > MAX_FILTER:
         return Invalid(f"connections: 'filter' must be a string of at most {MAX_FILTER} characters")
     return ListConnections(limit, offset, str(sort), needle)
+
+
+def _set_faults(data: Mapping[str, object]) -> SetFaults | Invalid:
+    listener, conn_id = data.get("listener"), data.get("id")
+    if (listener is None) == (conn_id is None):
+        return Invalid("set_faults: give either 'listener' (an address or name) or 'id' (a connection id)")
+    if listener is not None and (not isinstance(listener, str) or not listener):
+        return Invalid("set_faults: 'listener' must be a listener's address or name")
+    if conn_id is not None and (isinstance(conn_id, bool) or not isinstance(conn_id, int)):
+        return Invalid("set_faults: 'id' must be an integer connection id")
+    if "faults" not in data:
+        return Invalid("set_faults: 'faults' is required: a profile name, an object of fault keys, or null")
+    spec = data["faults"]
+    if isinstance(spec, Mapping):
+        try:
+            spec = fault_profile(spec)
+        except ConfigError as exc:
+            return Invalid(f"set_faults: {exc}")
+    elif spec is not None and not isinstance(spec, str):
+        return Invalid("set_faults: 'faults' must be a profile name, an object of fault keys, or null")
+    return SetFaults(
+        spec, listener if isinstance(listener, str) else None, conn_id if isinstance(conn_id, int) else None
+    )
 
 
 def encode(message: Mapping[str, object]) -> str:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import trio
 
+from trio_echo.config import FaultProfile
 from trio_echo.reasons import Reason
 from trio_echo.stats import Stats
 from trio_echo.trace import Tracer
@@ -46,6 +47,12 @@ class ServerView(Protocol):
     async def close_connection(self, conn_id: int, reason: Reason) -> bool:
         """Close one connection gracefully; False if no such connection is open."""
 
+    async def set_faults(
+        self, spec: str | FaultProfile | None, *, listener: str | None, conn_id: int | None
+    ) -> dict[str, object] | None:
+        """Put a fault profile on a listener's new connections or one open connection; what is in
+        force now. Raises LookupError naming what is unknown (nothing changed)."""
+
 
 class LocalServer(Protocol):
     """What :class:`LocalView` needs of a single-process server (``EchoServer``)."""
@@ -64,6 +71,12 @@ class LocalServer(Protocol):
     def metrics_snapshot(self) -> MetricsSnapshot: ...
 
     def close_connection(self, conn_id: int, reason: Reason = ...) -> bool: ...
+
+    def faults_in_force(self) -> dict[str, object]: ...
+
+    def set_faults(
+        self, spec: str | FaultProfile | None, *, listener: str | None = ..., conn_id: int | None = ...
+    ) -> dict[str, object] | None: ...
 
 
 class LocalView:
@@ -85,7 +98,7 @@ class LocalView:
 
     async def stats_snapshot(self) -> dict[str, object]:
         await trio.lowlevel.checkpoint()
-        return self._server.stats.snapshot(trio.current_time())
+        return {**self._server.stats.snapshot(trio.current_time()), "faults": self._server.faults_in_force()}
 
     async def metrics_snapshot(self) -> MetricsSnapshot:
         await trio.lowlevel.checkpoint()
@@ -98,3 +111,9 @@ class LocalView:
     async def close_connection(self, conn_id: int, reason: Reason) -> bool:
         await trio.lowlevel.checkpoint()
         return self._server.close_connection(conn_id, reason)
+
+    async def set_faults(
+        self, spec: str | FaultProfile | None, *, listener: str | None, conn_id: int | None
+    ) -> dict[str, object] | None:
+        await trio.lowlevel.checkpoint()
+        return self._server.set_faults(spec, listener=listener, conn_id=conn_id)

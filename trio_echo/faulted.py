@@ -1,0 +1,300 @@
+"""The faulted pump: one connection echoed through its fault profile (I/O).
+
+Connections without faults never come here (the socket pump in :mod:`trio_echo.pump` knows nothing of
+faults). A connection with faults runs this pump on a ``trio.abc.Stream`` (a socket wrapped, or the TLS
+stream: faults act on the plaintext echo) in three tasks inside the connection's cancel scope:
+
+* the **reader** reads what the byte thresholds and the memory bound allow, stamps each chunk with
+  when it is due (latency, jitter) and queues it; while ``buffer_size`` bytes wait it stops reading
+  (backpressure, as without faults);
+* the **writer** takes chunks in order, waits until each is due, changes a byte (corrupt), writes it in
+  slices within the bandwidth budget, and acts on a threshold (reset, close, stall);
+* the **watchdog** closes the connection once nothing moved either way for ``idle_timeout`` while no
+  echo was waiting (our own pauses are not the client's idleness).
+
+``send_timeout`` bounds each write on its own. The decisions are :mod:`trio_echo.faults`'s; each applied
+fault is reported through ``policy.on_fault`` (trace event and counter).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import math
+import socket
+import struct
+
+import trio
+
+try:  # SIOCOUTQ (Linux); elsewhere a reset does not wait for the client's acknowledgement
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - Windows
+    fcntl = termios = None  # type: ignore[assignment]
+
+from .echo import EchoSession, Step
+from .faults import SHAPING, ConnectionFaults, Ending
+from .policy import ConnectionPolicy
+from .ratelimit import TokenBucket
+from .reasons import Reason
+
+_EOF = memoryview(b"")
+ACK_POLL = 0.002  # seconds between checks that the client has acknowledged everything before a reset
+
+
+class FaultedPump:
+    """Echo ``session`` over ``stream`` through ``faults`` until it ends; :meth:`run` says why.
+
+    Args:
+        stream: the client stream (closed by the caller, :class:`~trio_echo.connection.Connection`).
+        session: the echo session (its byte counts are the table's).
+        policy: timeouts, the bandwidth cap and the ``on_fault`` hook.
+        faults: this connection's faults.
+        conn_id: the table id, for the reports.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        session: EchoSession,
+        policy: ConnectionPolicy,
+        faults: ConnectionFaults,
+        conn_id: int,
+    ) -> None:
+        self.stream = stream
+        self.session = session
+        self.policy = policy
+        self.faults = faults
+        self.conn_id = conn_id
+        self.activity = trio.current_time()
+        self._queue: collections.deque[tuple[float, memoryview]] = collections.deque()
+        self._held = 0  # bytes read and not yet echoed
+        self._changed = trio.Event()  # the queue changed: a chunk arrived (writer), room freed (reader)
+        self._reason: Reason | None = None
+        self._scope = trio.CancelScope()
+        self._bucket: TokenBucket | None = None
+        self._read_cap = session.buffer_size
+        self._profiled()
+        faults.on_change = self._profiled
+
+    def _profiled(self) -> None:
+        """(Re)read the profile: at the start, and when ``set_faults`` replaces it live."""
+        now = trio.current_time()
+        profile = self.faults.profile
+        # One bandwidth mechanism: the limit's token bucket, at the lower of the two rates.
+        rates = [rate for rate in (self.policy.max_bytes_per_second, profile.bandwidth) if rate]
+        self._bucket = TokenBucket(min(rates), min(rates), now) if rates else None
+        self._read_cap = min(self.session.buffer_size, min(rates) if rates else self.session.buffer_size)
+        self._scope.deadline = now + profile.reset_after if profile.reset_after else math.inf
+        self._wake()
+
+    def _report(self, kind: str, **fields: object) -> None:
+        if kind in SHAPING and not self.faults.first(kind):
+            return
+        if self.policy.on_fault is not None:
+            self.policy.on_fault(self.conn_id, kind, fields)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- the whole ----------------------------------------------------------------------------------------
+
+    async def run(self) -> Reason:
+        """Echo until the session is done (``eof``) or a fault, a timeout or the client ends it."""
+        with self._scope:  # its deadline: reset_after
+            reason = await self._echo()
+        if self._reason is not None:  # the idle watchdog or a write's send_timeout
+            return self._reason
+        if self._scope.cancelled_caught:  # reset_after
+            self._report("reset_after", seconds=self.faults.profile.reset_after)
+            self.faults.reset = True
+            return Reason.FAULT
+        return reason
+
+    async def _echo(self) -> Reason:
+        if self.faults.profile.blackhole:
+            self._report("blackhole")
+            await self._hold()
+            return Reason.FAULT
+        await self._send_pending()  # the greeting, or an echo left over from the socket pump
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader)
+            nursery.start_soon(self._watchdog)
+            ending = await self._writer()
+            nursery.cancel_scope.cancel()
+        if ending in (Ending.STALL, Ending.BLACKHOLE):
+            self._report(ending.value, bytes=self.faults.echoed)
+            await self._hold()
+            return Reason.FAULT
+        if ending is not None:
+            await self._end(ending)
+            return Reason.FAULT
+        await self._finish_echo()
+        return Reason.EOF
+
+    def _give_up(self, reason: Reason) -> None:
+        """End the pump with ``reason`` (a timeout)."""
+        self._reason = reason
+        self._scope.cancel()
+
+    async def _hold(self) -> None:
+        """Stay open and silent until the idle timeout (a hung peer, a black hole)."""
+        await trio.sleep_until(self.activity + self.policy.idle_timeout)
+
+    async def _end(self, ending: Ending) -> None:
+        """A byte threshold was reached: reset (once the client has every echoed byte) or close."""
+        self._report(ending.value, bytes=self.faults.echoed)
+        if ending is Ending.RESET:
+            # RST discards what the kernel has not delivered yet: wait until the client acknowledged
+            # all of it, so it reads exactly the echoed bytes before ECONNRESET.
+            with trio.move_on_after(self.policy.send_timeout):
+                # (no readiness event says "acknowledged": poll the kernel's count)
+                while _unacknowledged(self.stream):  # noqa: ASYNC110
+                    await trio.sleep(ACK_POLL)
+            self.faults.reset = True
+
+    async def _send_pending(self) -> None:
+        session = self.session
+        while session.next_step() is Step.SEND:
+            data = session.outgoing
+            await self._write(data)
+            session.sent(len(data))
+
+    async def _finish_echo(self) -> None:
+        """After the client's EOF and the last echo: the slow close, the farewell, our FIN."""
+        slow_close = self.faults.profile.slow_close
+        if slow_close:
+            self._report("slow_close", seconds=slow_close)
+            await trio.sleep(slow_close)
+        session = self.session
+        while (step := session.next_step()) is not Step.DONE:
+            if step is Step.SEND:
+                data = session.outgoing
+                await self._write(data)
+                session.sent(len(data))
+            else:  # Step.SEND_EOF (the session reads nothing after the client's EOF)
+                with trio.move_on_after(self.policy.send_timeout):
+                    if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                        await self.stream.send_eof()
+                session.sent_eof()
+
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """One write, within ``send_timeout``."""
+        with trio.move_on_after(self.policy.send_timeout) as limit:
+            await self.stream.send_all(data)
+        if limit.cancelled_caught:
+            self._give_up(Reason.SEND_TIMEOUT)
+            await trio.lowlevel.checkpoint()  # (cancelled: the pump's scope ends here)
+        self.activity = trio.current_time()
+
+    # -- the three tasks ----------------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        faults = self.faults
+        session = self.session
+        while not faults.profile.blackhole:
+            limit = faults.read_limit(min(self._read_cap, session.buffer_size - self._held))
+            if limit == 0:
+                if faults.read_limit(self._read_cap) == 0:
+                    return  # a threshold: read no more (the writer acts once the echo is out)
+                await self._changed.wait()  # the memory bound: wait until the writer frees room
+                continue
+            chunk = await self.stream.receive_some(limit)
+            now = self.activity = trio.current_time()
+            if not chunk:
+                session.received(_EOF)
+                self._queue.append((now, _EOF))
+                self._wake()
+                return
+            faults.took(len(chunk))
+            session.bytes_in += len(chunk)
+            self._held += len(chunk)
+            self._queue.append((faults.due(now), memoryview(chunk)))
+            self._wake()
+
+    async def _writer(self) -> Ending | None:
+        faults = self.faults
+        while True:
+            while not self._queue and not faults.profile.blackhole:
+                await self._changed.wait()
+            profile = faults.profile
+            if profile.blackhole:
+                return Ending.BLACKHOLE
+            due, chunk = self._queue[0]
+            if chunk is _EOF:
+                return None
+            if due > trio.current_time():
+                self._report("latency", seconds=profile.latency, jitter=profile.jitter)
+                await trio.sleep_until(due)
+            echo, index = faults.corrupt(chunk)
+            if index >= 0:
+                self._report("corrupt", index=index, bytes=len(chunk))
+            pieces = faults.pieces(len(echo))
+            if len(pieces) > 1:
+                self._report("slice", size=profile.slice, delay=profile.slice_delay)
+            view = memoryview(echo)
+            for number, (start, end) in enumerate(pieces):
+                if number and profile.slice_delay:
+                    await trio.sleep(profile.slice_delay)
+                await self._within_bandwidth(end - start)
+                await self._write(view[start:end])
+                self.session.bytes_out += end - start
+            self._queue.popleft()
+            self._held -= len(chunk)
+            self._wake()
+            ending = faults.echoed_now(len(chunk))
+            if ending is not None:
+                return ending
+
+    async def _within_bandwidth(self, size: int) -> None:
+        bucket = self._bucket
+        if bucket is None:
+            return
+        # Spend first, then wait out the debt: a write goes out only once the bucket covers it.
+        delay = bucket.debit(trio.current_time(), size)
+        if delay > 0:
+            if self.faults.profile.bandwidth:
+                self._report("bandwidth", bytes_per_second=self.faults.profile.bandwidth)
+            await trio.sleep(delay)
+
+    async def _watchdog(self) -> None:
+        idle = self.policy.idle_timeout
+        while True:
+            await trio.sleep_until(self.activity + idle)
+            if trio.current_time() < self.activity + idle:
+                continue  # there was activity meanwhile
+            if not self._queue:
+                self._give_up(Reason.IDLE)
+                return
+            await self._changed.wait()  # echo waits on our own pause: not the client's idleness
+
+
+def _unacknowledged(stream: trio.abc.Stream) -> bool:
+    """Whether the kernel still holds bytes the client has not acknowledged (Linux SIOCOUTQ)."""
+    sock = _socket_of(stream)
+    if sock is None or fcntl is None or termios is None:
+        return False
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # SIOCOUTQ
+    except OSError:
+        return False
+    return bool(struct.unpack("i", raw)[0])
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+def reset(stream: trio.abc.Stream) -> None:
+    """Make the close of ``stream`` send RST (SO_LINGER 0) instead of FIN."""
+    sock = _socket_of(stream)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError as exc:  # pragma: no cover - the peer may already be gone
+        if exc.errno not in (errno.EBADF, errno.ENOTCONN, errno.EINVAL):
+            raise
