@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -162,9 +162,11 @@ def test_plan_for_names_inline_and_none() -> None:
     profiles = {"slow": FaultProfile(latency=0.5)}
     assert plan_for(None, profiles) is None
     slow = plan_for("slow", profiles)
-    assert slow is not None and slow.describe() == {"name": "slow", "latency": 0.5}
+    assert slow is not None
+    assert slow.describe() == {"name": "slow", "latency": 0.5}
     inline = plan_for(FaultProfile(loss=0.5), profiles)
-    assert inline is not None and inline.describe() == {"name": "", "loss": 0.5}
+    assert inline is not None
+    assert inline.describe() == {"name": "", "loss": 0.5}
     with pytest.raises(LookupError, match=r"no \[faults.fast\] profile \(slow\)"):
         plan_for("fast", profiles)
 
@@ -212,9 +214,11 @@ def test_datagram_fault_rates_at_a_fixed_seed(key: str) -> None:
     out, kinds = _shape_all(FaultProfile(**{key: 0.2, "seed": 42}), 10000)  # type: ignore[arg-type]
     assert 0.18 < kinds[key] / 10000 < 0.22
     if key == "loss":
-        assert len(out) == 10000 - kinds["loss"] and len(set(out)) == len(out)
+        assert len(out) == 10000 - kinds["loss"]
+        assert len(set(out)) == len(out)
     elif key == "duplicate":
-        assert len(out) == 10000 + kinds["duplicate"] and len(set(out)) == 10000
+        assert len(out) == 10000 + kinds["duplicate"]
+        assert len(set(out)) == 10000
     else:
         assert sorted(out) == list(range(10000))
         assert kinds["reorder"] - 3 <= _late(out) <= kinds["reorder"]  # (the last ones have no successor)
@@ -222,10 +226,11 @@ def test_datagram_fault_rates_at_a_fixed_seed(key: str) -> None:
 
 def test_datagram_latency_keeps_order_and_is_bounded() -> None:
     shaper = DatagramFaults(FaultProfile(latency=0.5), random.Random(1))
-    assert shaper.shape(b"a", "p", 0.0) == [] and shaper.due_now(0.4) == []
+    assert shaper.shape(b"a", "p", 0.0) == []
+    assert shaper.due_now(0.4) == []
     assert shaper.next_due == 0.5
     assert shaper.due_now(0.5) == [(b"a", "p")]
-    for index in range(MAX_DELAYED_DATAGRAMS):
+    for _index in range(MAX_DELAYED_DATAGRAMS):
         shaper.shape(b"x", "p", 1.0)
     assert shaper.shape(b"y", "p", 1.0) == ["overflow"]
     assert len(shaper) == MAX_DELAYED_DATAGRAMS
@@ -234,7 +239,8 @@ def test_datagram_latency_keeps_order_and_is_bounded() -> None:
 def test_a_held_back_datagram_goes_out_anyway_without_a_successor() -> None:
     shaper = DatagramFaults(FaultProfile(reorder=1.0), random.Random(1))
     assert shaper.shape(b"a", "p", 0.0) == ["reorder"]
-    assert shaper.due_now(0.0) == [] and len(shaper) == 1
+    assert shaper.due_now(0.0) == []
+    assert len(shaper) == 1
     assert shaper.next_due == REORDER_WAIT
     assert shaper.due_now(REORDER_WAIT) == [(b"a", "p")]
 
@@ -319,12 +325,17 @@ async def faulted(
     events: list[Event] = []
     tracer = Tracer(Flag.ERROR | Flag.CONN)
     tracer.add_sink(events.append)
+    tracer.add_sink(lambda event: event.event == "conn.close" and _on_close.pop(server, _nothing)())
     async with running_server(_config(profile, **sections), tracer=tracer) as server:
         try:
             yield server, events
         finally:
             for stream in _clients.pop(server, []):
                 await trio.aclose_forcefully(stream)
+
+
+def _nothing() -> None:
+    pass
 
 
 _clients: dict[EchoServer, list[trio.SocketStream]] = {}
@@ -348,17 +359,22 @@ async def _read_until_end(stream: trio.abc.Stream) -> tuple[bytes, str]:
                 cause: BaseException | None = exc
                 while cause is not None and not isinstance(cause, ConnectionResetError):
                     cause = cause.__cause__  # (TLS: the transport's error, caused by the reset)
-                assert cause is not None, repr(exc)
-                return data, "reset"
+                return data, "reset" if cause is not None else repr(exc)
             if not chunk:
                 return data, "eof"
             data += chunk
 
 
 async def _until_closed(server: EchoServer) -> None:
+    """Until every connection of ``server`` has closed (woken by each conn.close event)."""
     with trio.fail_after(10):
         while server.stats.active:
-            await trio.sleep(0.01)
+            closed = trio.Event()
+            _on_close[server] = closed.set
+            await closed.wait()
+
+
+_on_close: dict[EchoServer, Callable[[], None]] = {}
 
 
 async def _echo_of(stream: trio.abc.Stream, message: bytes) -> bytes:
@@ -441,7 +457,9 @@ async def test_slices_arrive_in_pieces_of_at_most_n_bytes_spaced() -> None:
         with trio.fail_after(10):
             while sum(sizes) < 1000:
                 sizes.append(len(await stream.receive_some(65536)))
-        assert max(sizes) <= 100 and sum(sizes) == 1000 and len(sizes) >= 10
+        assert max(sizes) <= 100
+        assert sum(sizes) == 1000
+        assert len(sizes) >= 10
         assert trio.current_time() - start >= 0.45
 
 
@@ -454,12 +472,12 @@ async def test_reset_and_close_after_exactly_n_echoed_bytes(key: str, end: str) 
         await _until_closed(server)
         assert server.stats.closed == {Reason.FAULT: 1}
         assert server.stats.faults == {key: 1}
-        assert 'trio_echo_faults_applied_total{kind="%s"} 1' % key in render(server.metrics_snapshot())
+        assert f'trio_echo_faults_applied_total{{kind="{key}"}} 1' in render(server.metrics_snapshot())
         assert 'trio_echo_connections_closed_total{reason="fault"} 1' in render(server.metrics_snapshot())
     (applied,) = [event for event in events if event.event == "fault.applied"]
-    assert (
-        applied.fields["kind"] == key and applied.fields["conn_id"] == 1 and applied.fields["bytes"] == 1234
-    )
+    assert applied.fields["kind"] == key
+    assert applied.fields["conn_id"] == 1
+    assert applied.fields["bytes"] == 1234
 
 
 async def test_reset_after_seconds() -> None:
@@ -494,7 +512,8 @@ async def test_blackhole_never_reads_nor_greets() -> None:
         assert await _read_until_end(stream) == (b"", "eof")
         assert trio.current_time() - start >= 0.4
         await _until_closed(server)
-        assert server.stats.bytes_in == 0 and server.stats.faults == {"blackhole": 1}
+        assert server.stats.bytes_in == 0
+        assert server.stats.faults == {"blackhole": 1}
 
 
 async def test_slow_close_delays_the_farewell_and_fin() -> None:
@@ -534,6 +553,7 @@ def _bench(address: str, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
 
 
@@ -541,7 +561,8 @@ async def test_bench_reports_a_corrupting_server_and_exits_non_zero() -> None:
     async with faulted({"corrupt": 0.5, "seed": 1}) as (server, _):
         done = await trio.to_thread.run_sync(_bench, server.addresses[0], "--json")
     assert done.returncode == 1, done.stderr
-    assert '"mismatch"' in done.stdout and '"verified": false' in done.stdout
+    assert '"mismatch"' in done.stdout
+    assert '"verified": false' in done.stdout
 
 
 # -- TLS: faults act on the plaintext echo ----------------------------------------------------------------
@@ -572,7 +593,7 @@ async def test_faults_over_tls_act_on_the_plaintext(tmp_path: Path) -> None:
         assert server.stats.faults == {"slice": 1, "reset_after_bytes": 1}
 
 
-# -- UDP ------------------------------------------------------------------------------------------------------
+# -- UDP -----------------------------------------------------------------------------------------------------
 
 
 def _udp_run(port: int, count: int) -> list[int]:
@@ -606,8 +627,10 @@ async def test_udp_loss_duplicate_and_reorder_at_a_fixed_seed() -> None:
         counts = server.stats.datagrams[server.listener_names[0]]
     assert counts.received == 2000  # nothing lost on loopback before the profile
     lost = 2000 - len(set(got))
-    assert lost == faults["loss"] and 0.07 < lost / 2000 < 0.13
-    assert len(got) - len(set(got)) == faults["duplicate"] and 0.06 < faults["duplicate"] / 2000 < 0.13
+    assert lost == faults["loss"]
+    assert 0.07 < lost / 2000 < 0.13
+    assert len(got) - len(set(got)) == faults["duplicate"]
+    assert 0.06 < faults["duplicate"] / 2000 < 0.13
     assert 0.06 < faults["reorder"] / 2000 < 0.13
     assert _late(got) >= faults["reorder"] * 0.9  # (a duplicate of a held one can arrive late too)
     assert server.stats.dropped["fault"] == faults["loss"]
