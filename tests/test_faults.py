@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import trio
 import trustme
 
 from tests.conftest import make_config, port_of, running_server
+from tests.test_admin_port import admin_server, channel, next_of, request, runtime_dir  # noqa: F401  (autouse: the token file)
 from tests.test_tls import server_pem
 from trio_echo.admin.metrics import render
 from trio_echo.admin.protocol import Invalid, SetFaults, parse_request
@@ -325,20 +326,21 @@ async def faulted(
     events: list[Event] = []
     tracer = Tracer(Flag.ERROR | Flag.CONN)
     tracer.add_sink(events.append)
-    tracer.add_sink(lambda event: event.event == "conn.close" and _on_close.pop(server, _nothing)())
-    async with running_server(_config(profile, **sections), tracer=tracer) as server:
-        try:
-            yield server, events
-        finally:
-            for stream in _clients.pop(server, []):
-                await trio.aclose_forcefully(stream)
+    async with running_server(_config(profile, **sections), tracer=tracer) as server, clients_of(server):
+        yield server, events
 
 
-def _nothing() -> None:
-    pass
+@asynccontextmanager
+async def clients_of(server: EchoServer) -> AsyncIterator[None]:
+    """Close the clients ``_connect`` opened to ``server`` when the block ends."""
+    try:
+        yield
+    finally:
+        for stream in _clients.pop(server, []):
+            await trio.aclose_forcefully(stream)
 
 
-_clients: dict[EchoServer, list[trio.SocketStream]] = {}
+_clients: dict[EchoServer, list[trio.abc.Stream]] = {}
 
 
 async def _connect(server: EchoServer) -> trio.SocketStream:
@@ -366,15 +368,14 @@ async def _read_until_end(stream: trio.abc.Stream) -> tuple[bytes, str]:
 
 
 async def _until_closed(server: EchoServer) -> None:
-    """Until every connection of ``server`` has closed (woken by each conn.close event)."""
-    with trio.fail_after(10):
-        while server.stats.active:
-            closed = trio.Event()
-            _on_close[server] = closed.set
-            await closed.wait()
-
-
-_on_close: dict[EchoServer, Callable[[], None]] = {}
+    """Until every connection of ``server`` has closed (woken by each trace event)."""
+    subscriber = server.tracer.subscribe(Flag.CONN)
+    try:
+        with trio.fail_after(10):
+            while server.stats.active:
+                await subscriber.get_batch()
+    finally:
+        server.tracer.remove_sink(subscriber)
 
 
 async def _echo_of(stream: trio.abc.Stream, message: bytes) -> bytes:
@@ -653,3 +654,126 @@ def _udp_round_trip(port: int) -> float:
 async def test_udp_latency() -> None:
     async with faulted({"latency": 0.2}, transport="udp://") as (server, _):
         assert await trio.to_thread.run_sync(_udp_round_trip, port_of(server.addresses[0])) >= 0.2
+
+
+# -- live, from the admin channel -----------------------------------------------------------------------
+
+
+async def test_set_faults_on_a_listener_applies_to_new_connections_only() -> None:
+    profiles = {"slow": {"latency": 0.3}, "cut": {"close_after_bytes": 4}}
+    async with admin_server(faults=profiles) as server, channel(server) as ws, clients_of(server):
+        listener = server.listener_names[0]
+        before = await _connect(server)
+        assert await _echo_of(before, b"x") == b"x"
+        reply = await request(
+            ws, {"type": "set_faults", "listener": server.addresses[0], "faults": "slow"}, "set_faults"
+        )
+        assert reply == {
+            "type": "set_faults",
+            "ok": True,
+            "listener": server.addresses[0],
+            "faults": {"name": "slow", "latency": 0.3},
+        }
+        stats = await next_of(ws, "stats", lambda m: m["faults"][listener] is not None)
+        assert stats["faults"] == {listener: {"name": "slow", "latency": 0.3}}
+        start = trio.current_time()
+        assert await _echo_of(before, b"y") == b"y"  # opened before: untouched
+        assert trio.current_time() - start < 0.3
+        after = await _connect(server)
+        start = trio.current_time()
+        assert await _echo_of(after, b"z") == b"z"
+        assert trio.current_time() - start >= 0.3
+        # inline keys, then none again
+        inline = {"type": "set_faults", "listener": listener, "faults": {"close_after_bytes": 2}}
+        assert (await request(ws, inline, "set_faults"))["faults"] == {"name": "", "close_after_bytes": 2}
+        cut = await _connect(server)
+        await cut.send_all(b"abcdef")
+        assert await _read_until_end(cut) == (b"ab", "eof")
+        off = {"type": "set_faults", "listener": listener, "faults": None}
+        assert (await request(ws, off, "set_faults"))["faults"] is None
+        plain = await _connect(server)
+        assert await _echo_of(plain, b"abcdef") == b"abcdef"
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"listener": "127.0.0.1:1", "faults": "slow"}, "set_faults: no listener '127.0.0.1:1' (listeners: "),
+        ({"listener": "LISTENER", "faults": "fast"}, "set_faults: no [faults.fast] profile (slow)"),
+        ({"id": 999, "faults": "slow"}, "set_faults: no open connection with id 999"),
+        ({"id": 1, "faults": {"latency": -1}}, "set_faults: faults.latency = -1.0: must be >= 0"),
+        ({"id": 1, "faults": {"reorder": 1.5}}, "set_faults: faults.reorder = 1.5: must be a probability"),
+        (
+            {"id": 1, "faults": {"latncy": 1}},
+            "set_faults: faults.latncy = 1: unknown key; did you mean latency?",
+        ),
+    ],
+)
+async def test_bad_set_faults_is_an_error_and_changes_nothing(message: dict[str, object], error: str) -> None:
+    async with (
+        admin_server(faults={"slow": {"latency": 0.3}}) as server,
+        channel(server) as ws,
+        clients_of(server),
+    ):
+        if message.get("listener") == "LISTENER":
+            message = {**message, "listener": server.listener_names[0]}
+        reply = await request(ws, {"type": "set_faults", **message}, "error")
+        assert str(reply["message"]).startswith(error)
+        assert server.intake.fault_plans == {}
+        stream = await _connect(server)
+        start = trio.current_time()
+        assert await _echo_of(stream, b"still plain") == b"still plain"
+        assert trio.current_time() - start < 0.3
+
+
+async def test_set_faults_by_id_on_open_connections_of_each_pump(tmp_path: Path) -> None:
+    pem = server_pem(trustme.CA(), tmp_path / "server.pem")
+    async with (
+        admin_server(
+            server={"listen": ["127.0.0.1:0", "tls://127.0.0.1:0"]}, tls={"cert_file": pem, "key_file": pem}
+        ) as server,
+        channel(server) as ws,
+        clients_of(server),
+    ):
+        plain_port, tls_port = (port_of(address) for address in server.addresses)
+        plain = await trio.open_tcp_stream("127.0.0.1", plain_port)
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        tls = await trio.open_ssl_over_tcp_stream("127.0.0.1", tls_port, ssl_context=context)
+        _clients.setdefault(server, []).extend([plain, tls])
+        for stream in (plain, tls):
+            assert await _echo_of(stream, b"before") == b"before"  # both pumps running, unfaulted
+        (first, second) = sorted(server.stats.connections)
+        for conn_id in (first, second):
+            reply = await request(
+                ws, {"type": "set_faults", "id": conn_id, "faults": {"reset_after_bytes": 5}}, "set_faults"
+            )
+            assert reply["id"] == conn_id
+            assert reply["faults"] == {"name": "", "reset_after_bytes": 5}
+        for stream in (plain, tls):
+            await stream.send_all(b"0123456789")
+            assert await _read_until_end(stream) == (b"01234", "reset")
+        for stream in _clients.pop(server):
+            await trio.aclose_forcefully(stream)
+        await _until_closed(server)
+        assert server.stats.closed == {Reason.FAULT: 2}
+        # a connection already faulted takes the new profile from its next chunk
+        async with faulted_listener(server, ws, {"latency": 0.3}):
+            stream = await _connect(server)
+            assert await _echo_of(stream, b"slow") == b"slow"
+            (conn_id,) = server.stats.connections
+            await request(
+                ws, {"type": "set_faults", "id": conn_id, "faults": {"close_after_bytes": 3}}, "set_faults"
+            )
+            start = trio.current_time()
+            await stream.send_all(b"abcdef")
+            assert await _read_until_end(stream) == (b"abc", "eof")
+            assert trio.current_time() - start < 0.3  # the latency is gone with the old profile
+
+
+@asynccontextmanager
+async def faulted_listener(server: EchoServer, ws: object, profile: dict[str, object]) -> AsyncIterator[None]:
+    message = {"type": "set_faults", "listener": server.listener_names[0], "faults": profile}
+    await request(ws, message, "set_faults")  # type: ignore[arg-type]
+    yield

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 USER_TESTS = """
@@ -55,6 +58,39 @@ def test_fixtures_work_in_a_user_suite(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=5)
+
+
+def test_the_examples_in_docs_testing_md_pass(pytester: pytest.Pytester) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "testing.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) >= 4
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    for index, block in enumerate(blocks):
+        pytester.makepyfile(**{f"test_doc_{index}": block})
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=sum(block.count("\nasync def test_") for block in blocks))
+
+
+def test_faults_break_a_client_that_does_not_retry(pytester: pytest.Pytester) -> None:
+    """The docs' fault example can fail: a client that does not retry is caught out."""
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(
+        test_naive="""
+import pytest
+import trio
+
+@pytest.mark.echo_server(faults={"reset_after_bytes": 5})
+async def test_naive(echo_server):
+    async with await trio.open_tcp_stream(echo_server.host, echo_server.port) as stream:
+        await stream.send_all(b"hello, world")
+        received = b""
+        while len(received) < 12:
+            received += await stream.receive_some(100)
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*BrokenResourceError*"])
 
 
 def test_bad_fixture_config_is_a_clear_error(pytester: pytest.Pytester) -> None:

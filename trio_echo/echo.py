@@ -115,6 +115,12 @@ class EchoSession:
         if self._outgoing:
             self._outgoing = memoryview(bytes(self._outgoing))
 
+    def take_unsent(self) -> memoryview:
+        """Remove the unsent echo and return it, not counted as sent: another pump (the faulted one)
+        takes it over and counts what it writes."""
+        taken, self._outgoing = self._outgoing, _EMPTY
+        return taken
+
     @property
     def unsent(self) -> int:
         """Bytes received (or queued to greet) and not yet sent."""

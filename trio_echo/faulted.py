@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = termios = None  # type: ignore[assignment]
 
 from .echo import EchoSession, Step
+from .errors import leaves
 from .faults import SHAPING, ConnectionFaults, Ending
 from .policy import ConnectionPolicy
 from .ratelimit import TokenBucket
@@ -117,12 +118,24 @@ class FaultedPump:
             self._report("blackhole")
             await self._hold()
             return Reason.FAULT
-        await self._send_pending()  # the greeting, or an echo left over from the socket pump
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reader)
-            nursery.start_soon(self._watchdog)
-            ending = await self._writer()
-            nursery.cancel_scope.cancel()
+        session = self.session
+        if session.bytes_in:  # faults set live: an echo the other pump left unsent goes through them
+            self._queue_chunk(session.take_unsent())
+        else:
+            await self._send_pending()  # the greeting
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._watchdog)
+                ending = await self._writer()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One task's transport error (a reset, a broken TLS stream) is the connection's: raised
+            # as itself, so Connection.run translates it as it does for the other pumps.
+            errors = [leaf for leaf in leaves(group) if not isinstance(leaf, trio.Cancelled)]
+            if not errors:
+                raise  # cancelled from outside: the enclosing scope takes it
+            raise errors[0]  # noqa: B904  (its own __cause__ is what Connection.run reads)
         if ending in (Ending.STALL, Ending.BLACKHOLE):
             self._report(ending.value, bytes=self.faults.echoed)
             await self._hold()
@@ -207,11 +220,19 @@ class FaultedPump:
                 self._queue.append((now, _EOF))
                 self._wake()
                 return
-            faults.took(len(chunk))
             session.bytes_in += len(chunk)
-            self._held += len(chunk)
-            self._queue.append((faults.due(now), memoryview(chunk)))
-            self._wake()
+            self._queue_chunk(memoryview(chunk))
+
+    def _queue_chunk(self, chunk: memoryview) -> None:
+        """Queue a chunk read for echo, stamped with when it is due; never past a byte threshold
+        (of an echo left over when faults were set live, the rest is not echoed)."""
+        chunk = chunk[: self.faults.read_limit(len(chunk))]
+        if not chunk:
+            return
+        self.faults.took(len(chunk))
+        self._held += len(chunk)
+        self._queue.append((self.faults.due(trio.current_time()), chunk))
+        self._wake()
 
     async def _writer(self) -> Ending | None:
         faults = self.faults

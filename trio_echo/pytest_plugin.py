@@ -13,14 +13,23 @@ Needs pytest-trio (the fixtures are async and run in the test's event loop)::
         await echo_stream.send_all(b"ping")
         assert await echo_stream.receive_some() == b"ping"
 
+    @pytest.mark.echo_server(faults={"reset_after_bytes": 100})   # one fault profile, by its keys
+    async def test_retries(echo_server): ...
+
+    async def test_two_servers(echo_server_factory, closed_port):
+        flaky = await echo_server_factory(faults={"close_after_bytes": 10})
+        ...  # and closed_port: a port on 127.0.0.1 where nothing listens (connecting is refused)
+
 Configuration comes from the ``echo_server`` marker or an indirect parametrization (a mapping of config
 sections). The server always listens on 127.0.0.1 port 0 unless ``server.listen`` is given, and has its
-admin port off unless ``admin.listen`` is given. See docs/testing.md.
+admin port off unless ``admin.listen`` is given. ``faults`` is either ``[faults.NAME]`` tables by name,
+or the keys of one profile, which then applies to every listen entry. See docs/testing.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -74,12 +83,39 @@ def _sections(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
     return sections
 
 
+FIXTURE_PROFILE = "echo_server"  # the name a fault profile given by its keys gets
+
+
 def fixture_config(request: pytest.FixtureRequest) -> Config:
     """The config a fixture runs with: loopback port 0 and no admin port unless asked for."""
-    sections = _sections(request)
-    sections.setdefault("server", {}).setdefault("listen", ["127.0.0.1:0"])
+    return config_of(_sections(request))
+
+
+def config_of(sections: Mapping[str, Any]) -> Config:
+    """A fixture's config from sections: loopback port 0, no admin port unless asked for, and a
+    ``faults`` mapping of profile keys (rather than of named profiles) applied to every entry."""
+    sections = {
+        name: dict(value) if isinstance(value, Mapping) else value for name, value in sections.items()
+    }
+    server = sections.setdefault("server", {})
+    server.setdefault("listen", ["127.0.0.1:0"])
     sections.setdefault("admin", {}).setdefault("listen", "")
+    faults = sections.get("faults")
+    if isinstance(faults, Mapping) and faults and not all(isinstance(v, Mapping) for v in faults.values()):
+        sections["faults"] = {FIXTURE_PROFILE: faults}
+        server["listen"] = [
+            {**entry, "faults": FIXTURE_PROFILE}
+            if isinstance(entry, Mapping)
+            else {"address": entry, "faults": FIXTURE_PROFILE}
+            for entry in server["listen"]
+        ]
     return config_from_mapping(sections)
+
+
+async def _started(nursery: trio.Nursery, config: Config) -> RunningEchoServer:
+    server: EchoServer = await nursery.start(EchoServer(config).run)
+    host, _, port = server.addresses[0].rpartition(":")
+    return RunningEchoServer(server, host.strip("[]"), int(port) if port.isdigit() else 0)
 
 
 @pytest.fixture
@@ -87,11 +123,40 @@ async def echo_server(
     request: pytest.FixtureRequest, nursery: trio.Nursery
 ) -> AsyncIterator[RunningEchoServer]:
     """A running trio_echo server (its first address as ``host``/``port``); drained after the test."""
-    server: EchoServer = await nursery.start(EchoServer(fixture_config(request)).run)
-    first = server.addresses[0]
-    host, _, port = first.rpartition(":")
-    yield RunningEchoServer(server, host.strip("[]"), int(port) if port.isdigit() else 0)
-    server.stop()
+    running = await _started(nursery, fixture_config(request))
+    yield running
+    running.server.stop()
+
+
+ServerFactory = Callable[..., Awaitable[RunningEchoServer]]
+
+
+@pytest.fixture
+async def echo_server_factory(nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
+    """``await echo_server_factory(**sections)``: another running server, configured like the marker
+    (``faults={...}`` included); every one is drained after the test."""
+    started: list[RunningEchoServer] = []
+
+    async def start(**sections: Any) -> RunningEchoServer:
+        running = await _started(nursery, config_of(sections))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.server.stop()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 where nothing listens: connecting is refused. It is held bound (not
+    listening) for the test, so nothing else can take it meanwhile."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
 
 
 @pytest.fixture
