@@ -746,3 +746,66 @@ def test_the_agent_check_of_a_master(daemons: Callable[..., Daemon]) -> None:
     wait_until(lambda: answer() == b"drain\n", what="drain")
     assert daemon.proc.wait(timeout=20) == 0
     daemon.log.close()
+
+
+def _until_end(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+def test_faults_are_set_on_every_worker_and_routed_to_one_connection(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons(CONFIG + "[faults.cut]\nclose_after_bytes = 3\n")
+    port = daemon.ready()
+    reply = daemon.admin("faults", "--listener", "127.0.0.1:0", "cut")
+    assert reply == {"ok": True, "listener": "127.0.0.1:0", "faults": {"name": "cut", "close_after_bytes": 3}}
+    clients = connect(port, 20)
+    assert set(owners(daemon, clients).values()) == {0, 1}  # both workers hold some
+    assert all(_until_end(sock, b"abcdef") == b"abc" for sock in clients)
+    assert daemon.stats()["faults"] == {"127.0.0.1:0": {"name": "cut", "close_after_bytes": 3}}
+    assert 'trio_echo_faults_applied_total{kind="close_after_bytes"} 20' in daemon.metrics()
+    # a worker started later (a restart) gets the profile set live too
+    victim = daemon.workers()[1]["pid"]
+    assert isinstance(victim, int)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: [row["state"] for row in daemon.workers()] == ["running", "running"], what="the restart"
+    )
+    clients = connect(port, 20)
+    assert set(owners(daemon, clients).values()) == {0, 1}
+    assert all(_until_end(sock, b"abcdef") == b"abc" for sock in clients)
+    # off for the listener; then one connection, on the worker that owns it
+    assert daemon.admin("faults", "--listener", "127.0.0.1:0", "off")["faults"] is None  # type: ignore[index]
+    clients = connect(port, 10)
+    assert all(echoes(sock) for sock in clients)
+    owner = owners(daemon, clients)
+    victim_index = next(index for index, worker in owner.items() if worker == 1)
+    host, cport = clients[victim_index].getsockname()[:2]
+    items = daemon.admin("connections")
+    victim_id = next(item["id"] for item in items if item["peer"] == f"{host}:{cport}")  # type: ignore[union-attr]
+    reply = daemon.admin("faults", "--id", str(victim_id), '{"close_after_bytes": 2}')
+    assert reply == {"ok": True, "id": victim_id, "faults": {"name": "", "close_after_bytes": 2}}
+    assert _until_end(clients[victim_index], b"xyz") == b"xy"
+    assert all(echoes(sock) for index, sock in enumerate(clients) if index != victim_index)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trio_echo",
+            "admin",
+            f"127.0.0.1:{daemon.admin_port}",
+            "faults",
+            "--id",
+            "7",
+            "cut",
+        ],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (bad.returncode, bad.stderr) == (1, "trio-echo admin: set_faults: no open connection with id 7\n")
+    assert daemon.stop() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from .benchcli import positive_int
 from .client import add_tls_arguments
 from .client import main as client_main
 from .config import Config
-from .configfile import config_from_toml, config_to_toml, with_overrides
+from .configfile import config_from_toml, config_to_toml, fault_profile, with_overrides
 from .daemon import EXIT_OK, EXIT_USAGE, raise_nofile_limit, run
 from .errors import ConfigError
 from .logsetup import configure_logging
@@ -112,10 +113,41 @@ def build_parser() -> argparse.ArgumentParser:
     connections.add_argument("--filter", metavar="TEXT", help="only peers or listeners containing TEXT")
     close = actions.add_parser("close", help="close one connection gracefully")
     close.add_argument("id", type=int, metavar="ID")
+    faults = actions.add_parser(
+        "faults", help="set a listener's or one connection's fault profile (prints what is in force)"
+    )
+    target = faults.add_mutually_exclusive_group(required=True)
+    target.add_argument("--listener", metavar="ADDR|NAME", help="a listen entry's address or name")
+    target.add_argument("--id", type=int, metavar="N", help="one open connection")
+    faults.add_argument(
+        "profile",
+        type=fault_spec_argument,
+        metavar="PROFILE",
+        help="a [faults.NAME] name, JSON keys ('{\"latency\": 0.1}') or off",
+    )
     trace = actions.add_parser("trace", help="print trace events as JSON lines until interrupted")
     trace.add_argument("--flags", default="error,info,conn", metavar="F", help="e.g. error,conn or 0x5")
     trace.add_argument("-o", "--output", metavar="FILE", help="append events to FILE instead of stdout")
     return parser
+
+
+def fault_spec_argument(text: str) -> object:
+    """``admin faults``' PROFILE: a profile name, a JSON object of fault keys, or ``off``."""
+    if text == "off":
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON object of fault keys: {exc}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("not a JSON object of fault keys")
+        try:
+            fault_profile(value)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+    return text
 
 
 def load_config(path: str | None) -> Config:

@@ -1,4 +1,4 @@
-"""``trio-echo admin ADDR stats|connections|close ID|trace``: the admin channel from a terminal.
+"""``trio-echo admin ADDR stats|connections|close ID|faults|trace``: the admin channel from a terminal.
 
 Output is JSON (one document, or one line per trace event) so scripts can use it. The token comes from
 ``--token-file``, else ``$TRIO_ECHO_ADMIN_TOKEN``, else the file the server generated for that port.
@@ -35,7 +35,7 @@ MAX_RECEIVED = 16 * 1024 * 1024  # the largest channel message this client accep
 
 @attrs.frozen
 class Command:
-    """What to ask the admin port: ``stats``, ``connections``, ``close`` or ``trace``.
+    """What to ask the admin port: ``stats``, ``connections``, ``close``, ``faults`` or ``trace``.
 
     ``connections`` pages through every match of ``filter`` sorted by ``sort``, or stops at ``limit``.
     """
@@ -46,6 +46,7 @@ class Command:
     limit: int | None = None
     sort: str = "age"
     filter: str = ""
+    faults: dict[str, object] | None = None  # ``faults``: the set_faults request's target and profile
 
 
 def resolve_token(port: int, token_file: str | None, env: Mapping[str, str]) -> str:
@@ -137,6 +138,13 @@ async def _converse(ws: object, command: Command, out: TextIO) -> int:
             return 1
         print(json.dumps(items, indent=2), file=out)
         return 0
+    if command.action == "faults":
+        reply = await ask({"type": "set_faults", **(command.faults or {})}, "set_faults")
+        if failed(reply):
+            return 1
+        reply.pop("type")
+        print(json.dumps(reply, indent=2), file=out)
+        return 0
     if command.action == "close":
         if failed(await ask({"type": "close", "id": command.conn_id}, "close")):
             return 1
@@ -187,6 +195,11 @@ async def _all_connections(ask: Ask, command: Command) -> list[object] | None:
     return items if wanted is None else items[:wanted]
 
 
+def _faults_request(args: argparse.Namespace) -> dict[str, object]:
+    target: dict[str, object] = {"listener": args.listener} if args.listener is not None else {"id": args.id}
+    return {**target, "faults": args.profile}
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point from the CLI; returns the exit code (1 with one line on stderr when it fails)."""
     out: TextIO | None = None
@@ -204,6 +217,7 @@ def main(args: argparse.Namespace) -> int:
                     limit=getattr(args, "limit", None),
                     sort=getattr(args, "sort", "age"),
                     filter=getattr(args, "filter", "") or "",
+                    faults=_faults_request(args) if args.action == "faults" else None,
                 ),
                 token_file=args.token_file,
                 out=out,
