@@ -141,6 +141,13 @@ def test_default_listen_is_both_families_on_40007() -> None:
         ("[limits]\nidle_timout = 1\n", "limits.idle_timout = 1: unknown key; did you mean idle_timeout?"),
         ("[limits]\nallow = " + "[" * 4000 + "]" * 4000 + "\n", "invalid TOML: arrays or tables nested"),
         ("[server\n", "invalid TOML"),
+        ("[faults.x]\nlatency = -1\n", "faults.x.latency = -1.0: must be >= 0"),
+        ("[faults.x]\nlose = 0.1\n", "faults.x.lose = 0.1: unknown key; did you mean loss?"),
+        ("[faults.x]\nreorder = 1.01\n", "faults.x.reorder = 1.01: must be a probability from 0 to 1"),
+        (
+            '[server]\nlisten = [{ address = ":0", faults = "x" }]\n',
+            "server.listen[0].faults = 'x': no [faults.NAME] profile by that name (none defined)",
+        ),
     ],
 )
 def test_bad_config_is_one_line_and_exit_2(tmp_path: object, content: str, message: str) -> None:
@@ -176,6 +183,12 @@ def test_config_from_environment(tmp_path: object) -> None:
         (("bench", "127.0.0.1:1", "--conections", "3"), "did you mean --connections?"),
         (("frobnicate",), "invalid choice: 'frobnicate'"),
         ((), "the following arguments are required"),
+        (
+            ("admin", "127.0.0.1:1", "faults", "--id", "3", '{"loss": 2}'),
+            "faults.loss = 2.0: must be a probability",
+        ),
+        (("admin", "127.0.0.1:1", "faults", "--id", "3", "{nope"), "not a JSON object of fault keys"),
+        (("admin", "127.0.0.1:1", "faults", "cut"), "one of the arguments --listener --id is required"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:

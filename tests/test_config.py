@@ -5,7 +5,7 @@ import attrs
 import pytest
 
 from trio_echo.addresses import Address
-from trio_echo.config import Config, LimitsConfig, ListenerConfig
+from trio_echo.config import Config, FaultProfile, LimitsConfig, ListenerConfig
 from trio_echo.configfile import config_from_mapping, config_from_toml, config_to_toml, with_overrides
 from trio_echo.errors import ConfigError
 from trio_echo.events import Flag
@@ -176,10 +176,15 @@ def test_every_key_is_printed() -> None:
 def test_shipped_example_config_is_valid_and_complete() -> None:
     with open("configs/trio-echo.toml", encoding="utf-8") as file:
         text = file.read()
-    config_from_toml(text)
+    assert set(config_from_toml(text).faults) == {"example"}
     for section in ("server", "limits", "trace", "log", "admin", "supervisor", "tls"):
         for field in attrs.fields(type(getattr(Config(), section))):
             assert re.search(rf"^#? ?{field.name} = ", text, re.M), f"{section}.{field.name} undocumented"
+    example = text[text.index("[faults.example]") :]
+    for field in attrs.fields(FaultProfile):
+        assert re.search(rf"^{field.name} = ", example, re.M), f"faults.{field.name} undocumented"
+    for field in attrs.fields(ListenerConfig):
+        assert f" {field.name} " in text or f"{field.name} =" in text, f"listen entry key {field.name}"
 
 
 @pytest.mark.parametrize(
