@@ -208,3 +208,73 @@ async def test_dashboard_of_a_worker_master_in_chromium(
     assert all("width" in style for style in seen["loads"])  # type: ignore[attr-defined]
     assert str(seen["worker_title"]).startswith("worker ")
     assert (tmp_path / "dashboard-workers.png").stat().st_size > 10_000
+
+
+def drive_faults_panel(admin_url: str, token: str, echo_port: int, shots: Path) -> dict[str, object]:
+    """The Faults panel: choose a named profile for the listener, apply, and a new client gets it;
+    then custom JSON with a bad value (the server's error shows), then none again."""
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, object] = {}
+
+    def echo_of(payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", echo_port), timeout=10) as client:
+            client.sendall(payload)
+            got = b""
+            while len(got) < len(payload) and (chunk := client.recv(100)):
+                got += chunk
+            return got
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(f"{admin_url}#token={token}")
+            row = page.locator("#faults tbody tr[data-listener]").first
+            row.wait_for(timeout=15_000)
+            seen["before"] = row.locator(".in-force").inner_text()
+            seen["options"] = row.locator("select option").all_inner_texts()
+            row.locator("select").select_option("cut")
+            row.locator("button.apply").click()
+            row.locator(".in-force").filter(has_text="cut").wait_for(timeout=15_000)
+            seen["after"] = row.locator(".in-force").inner_text()
+            seen["echo_cut"] = echo_of(b"abcdef")
+            row.locator("select").select_option("{}")
+            row.locator("input.custom").fill('{"loss": 2}')
+            row.locator("button.apply").click()
+            page.locator("#faults-message").filter(has_text="probability").wait_for(timeout=15_000)
+            seen["error"] = page.locator("#faults-message").inner_text()
+            page.screenshot(path=str(shots / "dashboard-faults.png"), full_page=True)
+            row.locator("select").select_option("")
+            row.locator("button.apply").click()
+            row.locator(".in-force").filter(has_text=re.compile("^none$")).wait_for(timeout=15_000)
+            seen["echo_plain"] = echo_of(b"abcdef")
+        finally:
+            browser.close()
+    return seen
+
+
+async def test_dashboard_faults_panel_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    config = make_config(
+        server={"listen": ["127.0.0.1:0"]},
+        admin={"listen": "127.0.0.1:0", "stats_interval": 0.2},
+        faults={"cut": {"close_after_bytes": 3}, "slow": {"latency": 0.5}},
+    )
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            server: EchoServer = await nursery.start(EchoServer(config).run)
+            assert server.admin is not None
+            assert server.admin.token is not None
+            admin_url = f"http://127.0.0.1:{port_of(server.admin_addresses[0])}/"
+            seen = await trio.to_thread.run_sync(
+                drive_faults_panel, admin_url, server.admin.token, port_of(server.addresses[0]), tmp_path
+            )
+            server.stop()
+    assert seen["before"] == "none"
+    assert seen["options"] == ["none", "cut", "slow", "custom (JSON)…"]
+    assert seen["after"] == "cut (close_after_bytes=3)"
+    assert seen["echo_cut"] == b"abc"
+    assert "set_faults: faults.loss = 2.0: must be a probability from 0 to 1" in str(seen["error"])
+    assert seen["echo_plain"] == b"abcdef"
+    assert server.stats.faults == {"close_after_bytes": 1}

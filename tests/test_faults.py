@@ -676,6 +676,7 @@ async def test_set_faults_on_a_listener_applies_to_new_connections_only() -> Non
         }
         stats = await next_of(ws, "stats", lambda m: m["faults"][listener] is not None)
         assert stats["faults"] == {listener: {"name": "slow", "latency": 0.3}}
+        assert stats["fault_profiles"] == {"slow": {"latency": 0.3}, "cut": {"close_after_bytes": 4}}
         start = trio.current_time()
         assert await _echo_of(before, b"y") == b"y"  # opened before: untouched
         assert trio.current_time() - start < 0.3

@@ -192,15 +192,17 @@ class Master:
         rows = [self._row(worker) for worker in self.workers]
         reports = [self._retired["stats"], *(w.last_report["stats"] for w in self.workers if w.last_report)]
         merged = merge_stats(reports, uptime=trio.current_time() - self.started, workers=rows)
-        return {**merged, "faults": self._faults_in_force()}
+        return {**merged, **self._faults_in_force()}
 
     def _faults_in_force(self) -> dict[str, object]:
+        """As ``EchoServer.faults_in_force``: what the master set on every worker, or the file's."""
         in_force: dict[str, object] = {}
         for entry in self._config.server.listen:
             spec: object = self._fault_overrides.get(entry.label, entry.faults or None)
             plan = plan_for(fault_spec(spec), self._config.faults)
             in_force[entry.label] = plan.describe() if plan is not None else None
-        return in_force
+        profiles = {name: profile.to_dict() for name, profile in self._config.faults.items()}
+        return {"faults": in_force, "fault_profiles": profiles}
 
     async def set_faults(
         self, spec: str | FaultProfile | None, *, listener: str | None, conn_id: int | None

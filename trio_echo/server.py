@@ -225,9 +225,15 @@ class EchoServer:
         )
 
     def faults_in_force(self) -> dict[str, object]:
-        """Each listener's fault profile now (``None``: none), for the stats message."""
+        """The stats message's ``faults`` (each listener's profile now, ``None``: none) and
+        ``fault_profiles`` (the named ones the file defines, for the dashboard to offer)."""
         plans = self.intake.fault_plans
-        return {name: plans[name].describe() if name in plans else None for name in self._listener_names}
+        return {
+            "faults": {
+                name: plans[name].describe() if name in plans else None for name in self._listener_names
+            },
+            "fault_profiles": {name: profile.to_dict() for name, profile in self.config.faults.items()},
+        }
 
     def listener_label(self, name: str) -> str:
         """The listen entry a name or bound address refers to.

@@ -98,7 +98,7 @@ class LocalView:
 
     async def stats_snapshot(self) -> dict[str, object]:
         await trio.lowlevel.checkpoint()
-        return {**self._server.stats.snapshot(trio.current_time()), "faults": self._server.faults_in_force()}
+        return {**self._server.stats.snapshot(trio.current_time()), **self._server.faults_in_force()}
 
     async def metrics_snapshot(self) -> MetricsSnapshot:
         await trio.lowlevel.checkpoint()

@@ -139,7 +139,12 @@ function handle(message) {
     case "trace": return onTrace(message.event);
     case "close": return onClosed(message.id);
     case "set_trace_flags": return showServerFlags(message.flags);
-    case "error": return onTrace({ ts: Date.now() / 1000, flag: "error", event: "admin.error", message: message.message });
+    case "set_faults":
+      $("faults-message").textContent = `${message.listener}: ${describeFaults(message.faults)}`;
+      return undefined;
+    case "error":
+      if (String(message.message).startsWith("set_faults")) $("faults-message").textContent = message.message;
+      return onTrace({ ts: Date.now() / 1000, flag: "error", event: "admin.error", message: message.message });
     default: return undefined;
   }
 }
@@ -182,6 +187,7 @@ function onStats(message) {
     return chip;
   }));
   showWorkers(message.workers, c.active);
+  showFaults(message.faults || {}, message.fault_profiles || {});
   state.history.push({ t: message.uptime, active: c.active, rate: rateOut });
   while (state.history.length && state.history[0].t < message.uptime - HISTORY_SECONDS) state.history.shift();
   drawChart();
@@ -211,6 +217,73 @@ function showWorkers(workers, active) {
     }
     return row;
   }));
+}
+
+function describeFaults(profile) {
+  if (!profile) return "none";
+  const { name, ...keys } = profile;
+  const text = Object.entries(keys).map(([k, v]) => `${k}=${v}`).join(" ");
+  return name ? `${name} (${text || "nothing set"})` : text || "nothing set";
+}
+
+function showFaults(inForce, profiles) {
+  // One row per listener: what its new connections get now, and a way to change it. The rows are
+  // rebuilt only when the listeners or the named profiles change, so a choice being made survives
+  // the stats refresh.
+  const body = $("faults").tBodies[0];
+  const shape = JSON.stringify([Object.keys(inForce), Object.keys(profiles)]);
+  if (body.dataset.shape !== shape) {
+    body.dataset.shape = shape;
+    body.replaceChildren(...Object.keys(inForce).map((listener) => {
+      const row = document.createElement("tr");
+      row.dataset.listener = listener;
+      const name = document.createElement("td");
+      name.textContent = listener;
+      const current = document.createElement("td");
+      current.className = "in-force";
+      const choose = document.createElement("td");
+      const select = document.createElement("select");
+      select.setAttribute("aria-label", "fault profile for " + listener);
+      for (const [value, label] of [["", "none"], ...Object.keys(profiles).map((p) => [p, p]), ["{}", "custom (JSON)…"]]) {
+        const option = document.createElement("option");
+        option.value = value;
+        option.textContent = label;
+        select.append(option);
+      }
+      const custom = document.createElement("input");
+      custom.className = "custom";
+      custom.placeholder = '{"latency": 0.1}';
+      custom.spellcheck = false;
+      custom.hidden = true;
+      custom.setAttribute("aria-label", "fault keys as JSON for " + listener);
+      select.onchange = () => { custom.hidden = select.value !== "{}"; };
+      choose.append(select, custom);
+      const action = document.createElement("td");
+      const button = document.createElement("button");
+      button.className = "apply";
+      button.textContent = "apply";
+      button.onclick = () => applyFaults(listener, select, custom);
+      action.append(button);
+      row.append(name, current, choose, action);
+      return row;
+    }));
+  }
+  for (const row of body.rows) {
+    row.querySelector(".in-force").textContent = describeFaults(inForce[row.dataset.listener]);
+  }
+}
+
+function applyFaults(listener, select, custom) {
+  let faults = select.value || null;
+  if (select.value === "{}") {
+    try {
+      faults = JSON.parse(custom.value || "{}");
+    } catch (error) {
+      $("faults-message").textContent = "not JSON: " + error.message;
+      return;
+    }
+  }
+  send({ type: "set_faults", listener, faults });
 }
 
 function onConnections(items, total) {
