@@ -435,6 +435,21 @@ async def test_latency_with_backpressure_still_echoes_every_byte() -> None:
         assert (bytes(received), end) == (payload, "eof")
 
 
+async def test_delayed_echo_holds_at_most_buffer_size_read_ahead() -> None:
+    async with faulted({"latency": 0.5}, limits={"buffer_size": 4096}) as (server, _):
+        stream = await _connect(server)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send_all, b"m" * 400_000)
+            with trio.fail_after(10):
+                first = await stream.receive_some(65536)
+            # The first echo left 0.5 s after its chunk was read; meanwhile the client kept sending,
+            # and the server read at most buffer_size ahead (one more chunk may have come in since).
+            (info,) = server.stats.connections.values()
+            assert 0 < len(first) <= 4096
+            assert info.bytes_in <= 2 * 4096
+            nursery.cancel_scope.cancel()
+
+
 async def test_bandwidth_is_the_lower_of_the_fault_and_the_limit() -> None:
     async with faulted({"bandwidth": 10_000}) as (server, events):
         stream = await _connect(server)
@@ -479,6 +494,45 @@ async def test_reset_and_close_after_exactly_n_echoed_bytes(key: str, end: str) 
     assert applied.fields["kind"] == key
     assert applied.fields["conn_id"] == 1
     assert applied.fields["bytes"] == 1234
+
+
+async def test_a_reset_waits_until_a_slow_reader_has_every_echoed_byte() -> None:
+    # A reset discards what the server's kernel still holds: with a client that reads slowly the
+    # echo is still queued when the threshold is reached, and only waiting for its acknowledgement
+    # gets all of it to the client.
+    async with faulted({"reset_after_bytes": 300_000}) as (server, _):
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", port_of(server.addresses[0])))
+        stream = trio.SocketStream(sock)
+        _clients.setdefault(server, []).append(stream)
+
+        sender_saw: list[BaseException | None] = []
+
+        async def send() -> None:
+            try:
+                await stream.send_all(b"q" * 400_000)
+            except trio.BrokenResourceError as exc:  # the reset ends our sending too
+                sender_saw.append(exc.__cause__)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            data, end = b"", ""
+            with trio.fail_after(20):
+                while not end:
+                    try:
+                        chunk = await stream.receive_some(4096)
+                    except trio.BrokenResourceError:
+                        end = "reset"
+                    else:
+                        data += chunk
+                        end = "" if chunk else "eof"
+                        await trio.sleep(0.001)  # a slow reader, on purpose
+            nursery.cancel_scope.cancel()
+        # The kernel reports a reset once: to the reader, or to a send under way at that moment
+        # (which then leaves the reader a bare EOF).
+        reset_seen = end == "reset" or any(isinstance(cause, ConnectionResetError) for cause in sender_saw)
+        assert (len(data), reset_seen) == (300_000, True)
 
 
 async def test_reset_after_seconds() -> None:
