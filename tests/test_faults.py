@@ -689,11 +689,9 @@ async def test_udp_loss_duplicate_and_reorder_at_a_fixed_seed() -> None:
     assert 0.06 < faults["reorder"] / 2000 < 0.13
     assert _late(got) >= faults["reorder"] * 0.9  # (a duplicate of a held one can arrive late too)
     assert server.stats.dropped["fault"] == faults["loss"]
-    assert {event.fields["kind"] for event in events if event.event == "fault.applied"} == {
-        "loss",
-        "duplicate",
-        "reorder",
-    }
+    applied = [event.fields for event in events if event.event == "fault.applied"]
+    assert {fields["kind"] for fields in applied} == {"loss", "duplicate", "reorder"}
+    assert all(set(fields) == {"kind", "listener", "peer"} for fields in applied)
 
 
 def _udp_round_trip(port: int) -> float:
@@ -832,3 +830,12 @@ async def faulted_listener(server: EchoServer, ws: object, profile: dict[str, ob
     message = {"type": "set_faults", "listener": server.listener_names[0], "faults": profile}
     await request(ws, message, "set_faults")  # type: ignore[arg-type]
     yield
+
+
+async def test_a_reload_applies_the_files_profiles_again() -> None:
+    async with faulted({"latency": 0.3}) as (server, _):
+        listener = server.listener_names[0]
+        server.set_faults(None, listener=listener)
+        assert server.faults_in_force()["faults"] == {listener: None}
+        assert await server.reconfigure(server.config) == []
+        assert server.faults_in_force()["faults"] == {listener: {"name": "p", "latency": 0.3}}

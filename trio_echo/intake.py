@@ -158,11 +158,13 @@ class Intake:
         info.ip = ip
         self._serve(stream, info)
 
-    def fault_applied(self, conn_id: int, kind: str, fields: dict[str, object]) -> None:
-        """``policy.on_fault``: count a fault and trace it (``fault.applied``)."""
+    def fault_applied(self, conn_id: int | None, kind: str, fields: dict[str, object]) -> None:
+        """``policy.on_fault``: count a fault and trace it (``fault.applied``; UDP's name no
+        connection, ``conn_id`` None, but a listener and a peer)."""
         self.stats.faults[kind] += 1
         if self.tracer.conn:
-            self.tracer.emit(Flag.CONN, "fault.applied", kind=kind, conn_id=conn_id, **fields)
+            named = {"conn_id": conn_id} if conn_id is not None else {}
+            self.tracer.emit(Flag.CONN, "fault.applied", kind=kind, **named, **fields)
 
     def _transport(self, sock: stdlib_socket.socket, label: str) -> Client:
         """What the connection talks to: the socket itself (the pump's fast path uses it directly),

@@ -133,7 +133,7 @@ class Listeners:
             tracer=self.tracer,
             listener=label,
             plan_of=lambda: self.intake.fault_plans.get(label),
-            on_fault=functools.partial(self.intake.fault_applied, 0),
+            on_fault=functools.partial(self.intake.fault_applied, None),
         )
 
     def _datagram_verdict(self, ip: str, size: int) -> str | None:
