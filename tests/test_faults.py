@@ -816,6 +816,8 @@ async def test_set_faults_by_id_on_open_connections_of_each_pump(tmp_path: Path)
             stream = await _connect(server)
             assert await _echo_of(stream, b"slow") == b"slow"
             (conn_id,) = server.stats.connections
+            listed = await request(ws, {"type": "connections"}, "connections")
+            assert listed["items"][0]["faults"] == {"latency": 0.3}  # type: ignore[index]
             await request(
                 ws, {"type": "set_faults", "id": conn_id, "faults": {"close_after_bytes": 3}}, "set_faults"
             )

@@ -26,6 +26,10 @@ class Handle(Protocol):
 
     def close(self, reason: Reason) -> None: ...
 
+    @property
+    def faults(self) -> ConnectionFaults | None:
+        """The connection's faults, if any (the admin list shows their keys)."""
+
     def set_faults(self, faults: ConnectionFaults | None) -> None: ...
 
 

@@ -59,6 +59,9 @@ def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
     }
     if info.proxy:
         item["proxy"] = info.proxy
+    faults = info.handle.faults if info.handle is not None else None
+    if faults is not None:
+        item["faults"] = faults.profile.to_dict()
     item.update(tcp_info(info))
     return item
 
