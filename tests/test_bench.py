@@ -200,7 +200,8 @@ async def test_progress_line_only_on_a_terminal() -> None:
                     "--connections",
                     "2",
                 ],
-                stdout=secondary,
+                stderr=secondary,
+                capture_stdout=True,
                 check=False,
             )
             os.close(secondary)
@@ -218,6 +219,79 @@ async def test_progress_line_only_on_a_terminal() -> None:
         piped = await bench(server.addresses[0], "--duration", "1.5", "--connections", "2")
     assert done.returncode == 0
     assert b"\r" in output
-    assert b"rt/s" in output  # the live line
-    assert b"verified" in output  # the summary after it
+    assert b"rt/s" in output  # the live line, on stderr
+    assert b"open 2" in output
+    assert b"verified" in done.stdout  # the summary, on stdout
+    assert b"rt/s" not in done.stdout
     assert piped[0] == 0  # (--json output, not a terminal: no progress line, or json.loads would fail)
+
+
+async def _bench_lines(*args: str) -> tuple[int, list[dict[str, object]]]:
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-m", "trio_echo", "bench", *args, "--json-stream"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return done.returncode, [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+async def test_json_stream_reports_each_second_then_the_result(processes: str) -> None:
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        code, lines = await _bench_lines(
+            server.addresses[0], "--duration", "3", "--connections", "4", "--processes", processes
+        )
+    *seconds, result = lines
+    assert code == 0
+    assert [line["elapsed"] for line in seconds] == [1, 2, 3]
+    for line in seconds:
+        assert set(line) == {"elapsed", "roundtrips_per_s", "mb_per_s", "p50_us", "p99_us", "errors", "open"}
+        assert line["open"] == 4
+        assert line["errors"] == 0
+        assert int(line["roundtrips_per_s"]) > 0  # type: ignore[call-overload]
+        assert 0 < float(line["p50_us"]) <= float(line["p99_us"])  # type: ignore[arg-type]
+        assert line["mb_per_s"] == round(int(line["roundtrips_per_s"]) * 1024 / 1e6, 3)  # type: ignore[call-overload]
+    assert result["verified"] is True
+    assert sum(int(line["roundtrips_per_s"]) for line in seconds) <= int(result["roundtrips"])  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+async def test_ramp_opens_connections_evenly(processes: str) -> None:
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        # 3 connections over 1.6 s: at 0, 0.8 and 1.6 s, so 2 are open after one second, 3 after two
+        code, lines = await _bench_lines(
+            server.addresses[0], "--duration", "2.5", "--ramp", "3:1.6", "--processes", processes
+        )
+    *seconds, result = lines
+    assert code == 0
+    assert [line["open"] for line in seconds] == [2, 3]
+    assert result["connections"] == 3
+    assert result["verified"] is True
+    assert server.stats.total == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--ramp", "6"), "argument --ramp: '6' is not CONNS:SECONDS"),
+        (("--ramp", "0:1"), "argument --ramp: '0:1' is not CONNS:SECONDS (a count >= 1, seconds > 0)"),
+        (("--ramp", "3:-1"), "is not CONNS:SECONDS"),
+        (
+            ("--ramp", "6:1", "--connections", "5"),
+            "--ramp 6:... opens 6 connections; leave out --connections",
+        ),
+    ],
+)
+def test_bad_ramp_is_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trio_echo", "bench", "127.0.0.1:1", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert message in done.stderr

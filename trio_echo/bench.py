@@ -13,16 +13,19 @@ spreads the connections over P processes and merges their results.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import math
 import struct
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from .addresses import Address
-from .benchmodel import PERIOD, Pattern, Tally
+from .benchmodel import PERIOD, Pattern, Second, Tally, ramp_start, second_of
 from .client import MAX_DATAGRAM, ClientError, connect, connect_datagram, tls_context
 from .errors import leaves
 
@@ -56,6 +59,9 @@ class Run:
         self.seed_base = seed_base
         self.tally = Tally(connections=connections)
         self.histogram = new_histogram()
+        # --json-stream: this second's latencies, and who gets each second's counts
+        self.interval = new_histogram() if getattr(opts, "json_stream", False) else None
+        self.on_second: Callable[[Second, Any], None] | None = None
         self.deadline = math.inf
         self.started = 0.0
         self.tls = (
@@ -65,8 +71,10 @@ class Run:
         )
 
     def _record(self, intended: float) -> None:
-        micros = int((trio.current_time() - intended) * 1e6)
-        self.histogram.record_value(min(max(micros, 1), MAX_LATENCY_US))
+        micros = min(max(int((trio.current_time() - intended) * 1e6), 1), MAX_LATENCY_US)
+        self.histogram.record_value(micros)
+        if self.interval is not None:
+            self.interval.record_value(micros)
 
     async def run(self) -> float:
         """Run every connection; return the measured duration in seconds."""
@@ -77,6 +85,8 @@ class Run:
         async with trio.open_nursery() as nursery:
             if opts.progress:
                 nursery.start_soon(self._progress)
+            if self.on_second is not None:
+                nursery.start_soon(self._seconds, self.on_second)
             async with trio.open_nursery() as workers:
                 for index in range(self.connections):
                     count = None
@@ -88,15 +98,27 @@ class Run:
         return min(elapsed, opts.duration) if opts.count is None else elapsed
 
     async def _progress(self) -> None:
+        """The progress line on stderr (a terminal), rewritten every second."""
         while True:
             await trio.sleep(1)
             elapsed = trio.current_time() - self.started
             line = (
                 f"\r{elapsed:5.1f}s  {self.tally.roundtrips / elapsed:10.1f} rt/s  "
-                f"{self.tally.bytes_echoed / elapsed / 1e6:8.2f} MB/s  errors {self.tally.error_total}"
+                f"{self.tally.bytes_echoed / elapsed / 1e6:8.2f} MB/s  open {self.tally.open}  "
+                f"errors {self.tally.error_total}"
             )
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    async def _seconds(self, on_second: Callable[[Second, Any], None]) -> None:
+        """--json-stream: each whole second of the run, its counts and latency histogram."""
+        before = self.tally.snapshot()
+        for second in itertools.count(1):
+            await trio.sleep_until(self.started + second)
+            now = self.tally.snapshot()
+            histogram, self.interval = self.interval, new_histogram()
+            on_second(second_of(before, now, second=second, open_connections=now.open), histogram)
+            before = now
 
     def _schedule(self, index: int) -> tuple[float, float]:
         """Open loop: this connection's first send time and interval (0 = closed loop)."""
@@ -104,6 +126,9 @@ class Run:
         return self.started + (interval * index / self.connections if interval else 0.0), interval
 
     async def _connection(self, index: int, count: int | None) -> None:
+        ramp = getattr(self.opts, "ramp", None)
+        if ramp is not None:  # --ramp CONNS:SECONDS: this connection's turn (numbered across processes)
+            await trio.sleep_until(self.started + ramp_start(self.seed_base + index, *ramp))
         if self.address.transport == "udp":
             await self._datagrams(index, count)
             return
@@ -114,7 +139,8 @@ class Run:
                 self.tally.errors["connect"] += 1
                 return
             try:
-                count = await self._serve_one(stream, index, count)
+                with self._open():
+                    count = await self._serve_one(stream, index, count)
             except _Closed as closed:  # --reconnect: closed cleanly between round trips; carry on
                 self.tally.reconnects += 1
                 count = closed.remaining
@@ -122,6 +148,15 @@ class Run:
                     return
                 continue
             return
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[None]:
+        """Counts a connection as open while the block runs."""
+        self.tally.open += 1
+        try:
+            yield
+        finally:
+            self.tally.open -= 1
 
     async def _serve_one(self, stream: trio.abc.Stream, index: int, count: int | None) -> int | None:
         """One connection's run; the round trips still to do if it is replaced (``_Closed``)."""
@@ -178,7 +213,7 @@ class Run:
         first, interval = self._schedule(index)
         reply = bytearray(MAX_DATAGRAM + 1)  # one more: a longer reply must show as longer
         done = 0
-        with sock, trio.move_on_at(self.deadline):
+        with sock, self._open(), trio.move_on_at(self.deadline):  # (a UDP "connection": its socket)
             while count is None or done < count:
                 intended = first + done * interval if interval else trio.current_time()
                 if interval:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import math
+import subprocess
 import sys
 from typing import Any
 
@@ -18,7 +20,7 @@ import trio
 
 from .addresses import Address, parse_address
 from .bench import Run, new_histogram, percentiles
-from .benchmodel import PERIOD, Tally, report, summary_line
+from .benchmodel import PERIOD, Second, Tally, report, second_line, summary_line
 from .client import MAX_DATAGRAM, add_tls_arguments
 from .errors import AddressError
 
@@ -43,13 +45,31 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
             argv += ["--duration", str(opts.duration)]
         if opts.rate:
             argv += ["--rate", str(opts.rate * connections / opts.connections)]
-        done = await trio.run_process([*argv, "--worker"], capture_stdout=True, check=False)
-        results.append(json.loads(done.stdout))
+        if opts.ramp is not None:
+            argv += ["--ramp", f"{opts.ramp[0]}:{opts.ramp[1]}"]
+        argv += ["--json-stream"] * opts.json_stream
+        # Read the worker's lines as they come: its seconds (--json-stream), then its result.
+        run = functools.partial(trio.run_process, [*argv, "--worker"], stdout=subprocess.PIPE, check=False)
+        async with trio.open_nursery() as reading:
+            process: trio.Process = await reading.start(run)
+            assert process.stdout is not None
+            buffered = b""
+            async for data in process.stdout:
+                buffered += data
+                *lines, buffered = buffered.split(b"\n")
+                for line in lines:
+                    message = json.loads(line)
+                    if "second" in message:
+                        seconds.add(Second(**message["second"]), message["histogram"])
+                    else:
+                        results.append(message)
 
+    seconds = _Seconds(len([c for c in share if c]))
     async with trio.open_nursery() as nursery:
         for index, connections in enumerate(share):
             if connections:
                 nursery.start_soon(worker, index, connections)
+    seconds.flush()
     tally, histogram, duration = Tally(), new_histogram(), 0.0
     for result in results:
         part = Tally(result["roundtrips"], result["bytes_echoed"], result["connections"])
@@ -60,6 +80,43 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
         histogram.decode_and_add(base64.b64decode(result["histogram"]))
         duration = max(duration, result["duration_s"])
     return tally, histogram, duration
+
+
+class _Seconds:
+    """--json-stream across worker processes: one line per second once every worker has reported
+    it (the seconds some workers did not reach come at the end)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pending: dict[int, list[tuple[Second, Any]]] = {}
+
+    def add(self, second: Second, histogram: str) -> None:
+        parts = self.pending.setdefault(second.second, [])
+        parts.append((second, histogram))
+        if len(parts) == self.workers:
+            self._print(second.second)
+
+    def flush(self) -> None:
+        for number in sorted(self.pending):
+            self._print(number)
+
+    def _print(self, number: int) -> None:
+        parts = self.pending.pop(number)
+        merged, histogram = parts[0][0], new_histogram()
+        for second, _ in parts[1:]:
+            merged = merged.merged(second)
+        for _, encoded in parts:
+            histogram.decode_and_add(base64.b64decode(encoded))
+        print_second(merged, histogram)
+
+
+def print_second(second: Second, histogram: Any) -> None:
+    print(json.dumps(second_line(second, percentiles(histogram))), flush=True)
+
+
+def _worker_second(second: Second, histogram: Any) -> None:
+    encoded = base64.b64encode(histogram.encode()).decode()
+    print(json.dumps({"second": attrs.asdict(second), "histogram": encoded}), flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,11 +132,17 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"trio-echo bench: {problem}", file=sys.stderr)
         return 2
-    args.progress = sys.stdout.isatty() and not args.json and not args.worker
+    if args.ramp is not None and not args.worker:
+        args.connections = args.ramp[0]
+    elif args.connections is None:
+        args.connections = DEFAULT_CONNECTIONS
+    args.progress = sys.stderr.isatty() and not args.json and not args.json_stream and not args.worker
     if args.processes > 1:
         tally, histogram, duration = trio.run(run_in_processes, args)
     else:
         run = Run(address, args, args.connections, args.worker_seed)
+        if args.json_stream:
+            run.on_second = _worker_second if args.worker else print_second
         duration = trio.run(run.run)
         tally, histogram = run.tally, run.histogram
     if args.worker:
@@ -101,12 +164,15 @@ def main(args: argparse.Namespace) -> int:
     mode = f"udp-{args.mode}" if address.transport == "udp" else args.mode
     result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=mode)
     if args.progress:
-        sys.stdout.write("\r" + " " * 72 + "\r")
-    print(json.dumps(result) if args.json else summary_line(result))
+        sys.stderr.write("\r" + " " * 80 + "\r")
+    print(json.dumps(result) if args.json or args.json_stream else summary_line(result))
     return 0 if result["verified"] else 1
 
 
 def _usage_problem(address: Address, args: argparse.Namespace) -> str | None:
+    ramped = args.ramp is not None and not args.worker  # (a worker gets its share and the whole ramp)
+    if ramped and args.connections is not None and args.connections != args.ramp[0]:
+        return f"--ramp {args.ramp[0]}:... opens {args.ramp[0]} connections; leave out --connections"
     if address.transport != "udp":
         return None if 1 <= args.size <= PERIOD else f"--size must be 1..{PERIOD}"
     if args.mode != "pingpong":
@@ -120,7 +186,15 @@ def _usage_problem(address: Address, args: argparse.Namespace) -> str | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="ADDR")
-    parser.add_argument("--connections", type=positive_int, default=50, metavar="N")
+    parser.add_argument(
+        "--connections", type=positive_int, metavar="N", help=f"default {DEFAULT_CONNECTIONS}"
+    )
+    parser.add_argument(
+        "--ramp",
+        type=_ramp,
+        metavar="CONNS:SECONDS",
+        help="open CONNS connections evenly over SECONDS instead of all at once",
+    )
     parser.add_argument("--size", type=positive_int, default=1024, metavar="BYTES")
     parser.add_argument("--mode", choices=("pingpong", "stream"), default="pingpong")
     parser.add_argument(
@@ -144,6 +218,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--processes", type=positive_int, default=1, metavar="P")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--json-stream",
+        action="store_true",
+        help="one JSON object per second (elapsed, roundtrips_per_s, mb_per_s, p50_us, p99_us, errors, "
+        "open), then the --json result",
+    )
     parser.add_argument("--udp", action="store_true", help="UDP ping-pong (implied by a udp:// ADDR)")
     parser.add_argument(
         "--udp-timeout",
@@ -155,6 +235,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tls_arguments(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-seed", type=int, default=0, help=argparse.SUPPRESS)
+
+
+DEFAULT_CONNECTIONS = 50
+
+
+def _ramp(text: str) -> tuple[int, float]:
+    """``--ramp CONNS:SECONDS``."""
+    conns, sep, seconds = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not CONNS:SECONDS")
+    try:
+        return positive_int(conns), _positive_float(seconds)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not CONNS:SECONDS (a count >= 1, seconds > 0)"
+        ) from None
 
 
 def positive_int(text: str) -> int:

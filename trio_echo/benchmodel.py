@@ -57,6 +57,12 @@ class Tally:
     reconnects: int = 0
     """``--reconnect``: connections the server closed cleanly between round trips (a drain), each
     replaced by a new one that carried on (not an error: what a client that retries would do)."""
+    open: int = 0
+    """Connections open now (``--json-stream`` reports it each second)."""
+
+    def snapshot(self) -> Tally:
+        """A copy of the counts now (the errors counter copied too)."""
+        return attrs.evolve(self, errors=collections.Counter(self.errors))
 
     def merge(self, other: Tally) -> None:
         self.lost += other.lost
@@ -108,3 +114,57 @@ def summary_line(result: dict[str, object]) -> str:
         f"max {latency['max']}, errors {result['errors']} {result['error_kinds']}, "
         f"{status}" + (f", lost {result['lost']} ({result['loss_ratio']:.2%})" if result.get("lost") else "")
     )
+
+
+@attrs.frozen
+class Second:
+    """What happened in one second of a run (``--json-stream``), as counts: summable across
+    processes; the interval's latency histogram travels beside it."""
+
+    second: int  # 1 for the first second of the run
+    roundtrips: int
+    bytes_echoed: int
+    errors: int
+    open: int  # connections open at the end of the second
+
+    def merged(self, other: Second) -> Second:
+        return Second(
+            self.second,
+            self.roundtrips + other.roundtrips,
+            self.bytes_echoed + other.bytes_echoed,
+            self.errors + other.errors,
+            self.open + other.open,
+        )
+
+
+def second_of(before: Tally, now: Tally, *, second: int, open_connections: int) -> Second:
+    """The difference of two snapshots of one tally, one second apart."""
+    return Second(
+        second,
+        now.roundtrips - before.roundtrips,
+        now.bytes_echoed - before.bytes_echoed,
+        now.error_total - before.error_total,
+        open_connections,
+    )
+
+
+def second_line(second: Second, latency_us: dict[str, float]) -> dict[str, object]:
+    """One ``--json-stream`` object: the second's rates, its latency percentiles (µs), errors in it
+    and the connections open at its end."""
+    return {
+        "elapsed": second.second,
+        "roundtrips_per_s": second.roundtrips,
+        "mb_per_s": round(second.bytes_echoed / 1e6, 3),
+        "p50_us": latency_us["p50"],
+        "p99_us": latency_us["p99"],
+        "errors": second.errors,
+        "open": second.open,
+    }
+
+
+def ramp_start(index: int, connections: int, seconds: float) -> float:
+    """``--ramp CONNS:SECONDS``: when connection ``index`` (0-based) opens, in seconds from the
+    start: evenly spread so the last one opens at ``seconds``."""
+    if connections <= 1 or seconds <= 0:
+        return 0.0
+    return seconds * index / (connections - 1)
