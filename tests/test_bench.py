@@ -8,11 +8,14 @@ import json
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from tests.conftest import make_config, running_server
+from tests.test_tls import server_pem
 from trio_echo.benchmodel import PERIOD, Pattern, Tally, report
 
 KEYS = {"verified", "roundtrips_per_s", "mb_per_s", "errors", "error_kinds", "latency_us"}
@@ -284,7 +287,7 @@ async def test_ramp_opens_connections_evenly(processes: str) -> None:
         ),
     ],
 )
-def test_bad_ramp_is_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
+def test_bad_new_flags_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "trio_echo", "bench", "127.0.0.1:1", *args],
         capture_output=True,
@@ -295,3 +298,44 @@ def test_bad_ramp_is_one_line_and_exit_2(args: tuple[str, ...], message: str) ->
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1
     assert message in done.stderr
+
+
+async def test_connect_mode_counts_whole_connections() -> None:
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        code, result = await bench(
+            server.addresses[0], "--mode", "connect", "--count", "60", "--connections", "3"
+        )
+        assert code == 0
+        assert result["verified"] is True
+        assert result["roundtrips"] == 60
+        assert float(result["connections_per_s"]) > 0  # type: ignore[arg-type]
+        assert "tls_handshakes_per_s" not in result
+        assert server.stats.total == 60  # one connection per round trip
+        assert server.stats.closed["eof"] + server.stats.active == 60  # (the last may still be closing)
+
+
+async def test_connect_mode_over_tls_counts_handshakes(tmp_path: Path) -> None:
+    pem = server_pem(trustme.CA(), tmp_path / "server.pem")
+    config = make_config(server={"listen": ["tls://127.0.0.1:0"]}, tls={"cert_file": pem, "key_file": pem})
+    async with running_server(config) as server:
+        address = server.addresses[0]
+        code, result = await bench(
+            address, "--mode", "connect", "--count", "20", "--connections", "2", "--insecure"
+        )
+    assert code == 0
+    assert result["verified"] is True
+    assert result["tls_handshakes_per_s"] == result["connections_per_s"]
+    assert server.stats.total == 20
+
+
+async def test_connect_mode_reports_a_corrupting_server() -> None:
+    config = make_config(
+        server={"listen": [{"address": "127.0.0.1:0", "faults": "bad"}]}, faults={"bad": {"corrupt": 1.0}}
+    )
+    async with running_server(config) as server:
+        code, result = await bench(
+            server.addresses[0], "--mode", "connect", "--count", "10", "--connections", "1"
+        )
+    assert code == 1
+    assert result["error_kinds"]["mismatch"] == 1  # type: ignore[index]
+    assert result["verified"] is False

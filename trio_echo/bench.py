@@ -132,6 +132,9 @@ class Run:
         if self.address.transport == "udp":
             await self._datagrams(index, count)
             return
+        if self.opts.mode == "connect":
+            await self._connects(index, count)
+            return
         while True:
             try:
                 stream = await connect(self.address, self.tls)
@@ -200,6 +203,38 @@ class Run:
                 self.tally.roundtrips += 1
                 self.tally.bytes_echoed += size
         await self._finish(stream)
+
+    async def _connects(self, index: int, count: int | None) -> None:
+        """--mode connect: connect (with the TLS handshake), echo one message, close cleanly; again,
+        as fast as allowed (or at ``--rate``). Each one is a round trip whose latency is all of it."""
+        size = self.opts.size
+        pattern = Pattern(self.seed_base + index)
+        first, interval = self._schedule(index)
+        done = 0
+        with trio.move_on_at(self.deadline):
+            while count is None or done < count:
+                intended = first + done * interval if interval else trio.current_time()
+                if interval:
+                    await trio.sleep_until(intended)
+                try:
+                    stream = await connect(self.address, self.tls)
+                except ClientError:
+                    self.tally.errors["connect"] += 1
+                    return
+                offset = done * size
+                try:
+                    with self._open():
+                        async with stream:
+                            await stream.send_all(pattern.chunk(offset, size))
+                            await self._expect(stream, pattern, offset, size)
+                            await self._finish(stream)
+                except (trio.BrokenResourceError, _Failed) as exc:
+                    self.tally.errors[exc.kind if isinstance(exc, _Failed) else "reset"] += 1
+                    return
+                self._record(intended)
+                done += 1
+                self.tally.roundtrips += 1
+                self.tally.bytes_echoed += size
 
     async def _datagrams(self, index: int, count: int | None) -> None:
         """UDP ping-pong: datagram ``n`` is its number (8 bytes) and the pattern at ``n * size``."""

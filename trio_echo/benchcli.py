@@ -162,7 +162,8 @@ def main(args: argparse.Namespace) -> int:
         )
         return 0
     mode = f"udp-{args.mode}" if address.transport == "udp" else args.mode
-    result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=mode)
+    tls = address.transport == "tls" or bool(args.tls or args.ca or args.insecure)
+    result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=mode, tls=tls)
     if args.progress:
         sys.stderr.write("\r" + " " * 80 + "\r")
     print(json.dumps(result) if args.json or args.json_stream else summary_line(result))
@@ -176,7 +177,7 @@ def _usage_problem(address: Address, args: argparse.Namespace) -> str | None:
     if address.transport != "udp":
         return None if 1 <= args.size <= PERIOD else f"--size must be 1..{PERIOD}"
     if args.mode != "pingpong":
-        return "UDP has no stream: use --mode pingpong"
+        return f"UDP has no {'stream' if args.mode == 'stream' else 'connections'}: use --mode pingpong"
     if args.tls or args.ca or args.insecure:
         return "TLS needs a stream; udp:// has none"
     if address.path is not None:
@@ -196,7 +197,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="open CONNS connections evenly over SECONDS instead of all at once",
     )
     parser.add_argument("--size", type=positive_int, default=1024, metavar="BYTES")
-    parser.add_argument("--mode", choices=("pingpong", "stream"), default="pingpong")
+    parser.add_argument(
+        "--mode",
+        choices=("pingpong", "stream", "connect"),
+        default="pingpong",
+        help="connect: connect (TLS handshake included), echo one message, close; connections/s",
+    )
     parser.add_argument(
         "--window",
         type=positive_int,

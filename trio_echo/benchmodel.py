@@ -82,10 +82,19 @@ class Tally:
         return self.error_total == 0 and self.bytes_echoed > 0
 
 
-def report(tally: Tally, *, duration: float, latency_us: dict[str, float], mode: str) -> dict[str, object]:
-    """The ``--json`` object (PRODUCT.md's fields first)."""
+def report(
+    tally: Tally, *, duration: float, latency_us: dict[str, float], mode: str, tls: bool = False
+) -> dict[str, object]:
+    """The ``--json`` object (PRODUCT.md's fields first). ``connect`` mode adds connections/s (and
+    TLS handshakes/s): each of its round trips is one whole connection."""
     seconds = max(duration, 1e-9)
+    per_connection: dict[str, object] = {}
+    if mode == "connect":
+        per_connection["connections_per_s"] = round(tally.roundtrips / seconds, 1)
+        if tls:
+            per_connection["tls_handshakes_per_s"] = round(tally.roundtrips / seconds, 1)
     return {
+        **per_connection,
         "verified": tally.verified,
         "roundtrips_per_s": round(tally.roundtrips / seconds, 1),
         "mb_per_s": round(tally.bytes_echoed / seconds / 1e6, 3),
@@ -108,8 +117,13 @@ def summary_line(result: dict[str, object]) -> str:
     latency = result["latency_us"]
     assert isinstance(latency, dict)
     status = "verified" if result["verified"] else "NOT VERIFIED"
+    rates = f"{result['roundtrips_per_s']} round trips/s"
+    if "connections_per_s" in result:
+        rates = f"{result['connections_per_s']} connections/s" + (
+            " (TLS handshakes)" if "tls_handshakes_per_s" in result else ""
+        )
     return (
-        f"{result['mode']}: {result['roundtrips_per_s']} round trips/s, {result['mb_per_s']} MB/s, "
+        f"{result['mode']}: {rates}, {result['mb_per_s']} MB/s, "
         f"latency us p50 {latency['p50']} p90 {latency['p90']} p99 {latency['p99']} p99.9 {latency['p999']} "
         f"max {latency['max']}, errors {result['errors']} {result['error_kinds']}, "
         f"{status}" + (f", lost {result['lost']} ({result['loss_ratio']:.2%})" if result.get("lost") else "")
