@@ -16,7 +16,7 @@ import trustme
 
 from tests.conftest import make_config, running_server
 from tests.test_tls import server_pem
-from trio_echo.benchmodel import PERIOD, Pattern, Tally, report
+from trio_echo.benchmodel import PERIOD, Pattern, Tally, message_due, report
 
 KEYS = {"verified", "roundtrips_per_s", "mb_per_s", "errors", "error_kinds", "latency_us"}
 
@@ -339,3 +339,34 @@ async def test_connect_mode_reports_a_corrupting_server() -> None:
     assert code == 1
     assert result["error_kinds"]["mismatch"] == 1  # type: ignore[index]
     assert result["verified"] is False
+
+
+@pytest.mark.parametrize(
+    ("number", "start", "end", "duration", "due"),
+    [
+        (0, 10, 10, 5, 0.0),
+        (25, 10, 10, 5, 2.5),  # constant: number / rate
+        (0.5, 4, 4, 1, 0.125),  # a fraction staggers connections
+        (0, 0.5, 10, 2, 0.0),
+        (10.5, 0.5, 10, 2, 2.0),  # the whole ramp: 0.5*2 + 9.5*2/2 = 10.5 messages in 2 s
+        (12.5, 0.5, 10, 2, 2.2),  # then at the end rate
+        (100, 100, 200, 1, (-100 + (100**2 + 2 * 100 * 100) ** 0.5) / 100),
+    ],
+)
+def test_when_a_message_is_due(number: float, start: float, end: float, duration: float, due: float) -> None:
+    assert message_due(number, start, end, duration) == pytest.approx(due)
+
+
+async def test_a_linear_rate_ramp() -> None:
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        code, lines = await _bench_lines(
+            server.addresses[0], "--duration", "2", "--connections", "4", "--rate", "200:1000"
+        )
+    *seconds, result = lines
+    assert code == 0
+    assert result["verified"] is True
+    # 200 -> 1000/s over 2 s: 400 in the first second, 800 in the second (1200 in all)
+    first, second = (int(line["roundtrips_per_s"]) for line in seconds)  # type: ignore[call-overload]
+    assert 300 <= first <= 500
+    assert 650 <= second <= 950
+    assert 1100 <= int(result["roundtrips"]) <= 1210  # type: ignore[call-overload]

@@ -5,8 +5,9 @@ Modes: ``pingpong`` (each connection sends ``--size`` bytes and waits for them b
 ping-pong over UDP: each "connection" is a socket sending one numbered datagram at a time; a reply
 that does not come within ``--udp-timeout`` counts as lost (UDP may drop, and the server's per-source
 budget drops on purpose), a wrong or misnumbered one as a mismatch. ``--rate R`` makes ping-pong open-loop: R
-messages per second in total, each one's latency measured from when it was *meant* to be sent, so a
-stalled server cannot hide behind the client waiting for it (coordinated omission). ``--processes P``
+messages per second in total (``--rate START:END``: rising linearly over the run), each one's latency
+measured from when it was *meant* to be sent, so a stalled server cannot hide behind the client
+waiting for it (coordinated omission). ``--mode connect`` opens a connection per message. ``--processes P``
 spreads the connections over P processes and merges their results.
 """
 
@@ -25,7 +26,7 @@ import trio
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from .addresses import Address
-from .benchmodel import PERIOD, Pattern, Second, Tally, ramp_start, second_of
+from .benchmodel import PERIOD, Pattern, Second, Tally, message_due, ramp_start, second_of
 from .client import MAX_DATAGRAM, ClientError, connect, connect_datagram, tls_context
 from .errors import leaves
 
@@ -120,10 +121,19 @@ class Run:
             on_second(second_of(before, now, second=second, open_connections=now.open), histogram)
             before = now
 
-    def _schedule(self, index: int) -> tuple[float, float]:
-        """Open loop: this connection's first send time and interval (0 = closed loop)."""
-        interval = self.connections / self.opts.rate if self.opts.rate else 0.0
-        return self.started + (interval * index / self.connections if interval else 0.0), interval
+    def _due(self, index: int, done: int) -> float | None:
+        """Open loop (``--rate``): when this connection's message ``done`` is due; None: closed loop."""
+        rate = self.opts.rate
+        if not rate:
+            return None
+        start, end = rate
+        offset = message_due(
+            done + index / self.connections,
+            start / self.connections,
+            end / self.connections,
+            self.opts.duration,
+        )
+        return self.started + offset
 
     async def _connection(self, index: int, count: int | None) -> None:
         ramp = getattr(self.opts, "ramp", None)
@@ -181,13 +191,13 @@ class Run:
         self, stream: trio.abc.Stream, pattern: Pattern, count: int | None, index: int
     ) -> None:
         size = self.opts.size
-        first, interval = self._schedule(index)
         offset = done = 0
         with trio.move_on_at(self.deadline):
             while count is None or done < count:
-                intended = first + done * interval if interval else trio.current_time()
-                if interval:
-                    await trio.sleep_until(intended)
+                due = self._due(index, done)
+                intended = trio.current_time() if due is None else due
+                if due is not None:
+                    await trio.sleep_until(due)
                 try:
                     await stream.send_all(pattern.chunk(offset, size))
                     await self._expect(stream, pattern, offset, size)
@@ -209,13 +219,13 @@ class Run:
         as fast as allowed (or at ``--rate``). Each one is a round trip whose latency is all of it."""
         size = self.opts.size
         pattern = Pattern(self.seed_base + index)
-        first, interval = self._schedule(index)
         done = 0
         with trio.move_on_at(self.deadline):
             while count is None or done < count:
-                intended = first + done * interval if interval else trio.current_time()
-                if interval:
-                    await trio.sleep_until(intended)
+                due = self._due(index, done)
+                intended = trio.current_time() if due is None else due
+                if due is not None:
+                    await trio.sleep_until(due)
                 try:
                     stream = await connect(self.address, self.tls)
                 except ClientError:
@@ -245,14 +255,14 @@ class Run:
             return
         size, timeout = self.opts.size, self.opts.udp_timeout
         pattern = Pattern(self.seed_base + index)
-        first, interval = self._schedule(index)
         reply = bytearray(MAX_DATAGRAM + 1)  # one more: a longer reply must show as longer
         done = 0
         with sock, self._open(), trio.move_on_at(self.deadline):  # (a UDP "connection": its socket)
             while count is None or done < count:
-                intended = first + done * interval if interval else trio.current_time()
-                if interval:
-                    await trio.sleep_until(intended)
+                due = self._due(index, done)
+                intended = trio.current_time() if due is None else due
+                if due is not None:
+                    await trio.sleep_until(due)
                 header = struct.pack("!Q", done)
                 try:
                     await sock.send(header + pattern.chunk(done * size, size - 8))

@@ -44,7 +44,8 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
         else:
             argv += ["--duration", str(opts.duration)]
         if opts.rate:
-            argv += ["--rate", str(opts.rate * connections / opts.connections)]
+            start, end = (rate * connections / opts.connections for rate in opts.rate)
+            argv += ["--rate", f"{start}:{end}"]
         if opts.ramp is not None:
             argv += ["--ramp", f"{opts.ramp[0]}:{opts.ramp[1]}"]
         argv += ["--json-stream"] * opts.json_stream
@@ -171,6 +172,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _usage_problem(address: Address, args: argparse.Namespace) -> str | None:
+    if args.rate is not None and args.rate[0] != args.rate[1] and args.count is not None:
+        return "--rate START:END ramps over --duration; it cannot be used with --count"
     ramped = args.ramp is not None and not args.worker  # (a worker gets its share and the whole ramp)
     if ramped and args.connections is not None and args.connections != args.ramp[0]:
         return f"--ramp {args.ramp[0]}:... opens {args.ramp[0]} connections; leave out --connections"
@@ -214,7 +217,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limit.add_argument("--duration", type=_positive_float, default=10.0, metavar="S")
     limit.add_argument("--count", type=positive_int, metavar="N", help="round trips in total (pingpong)")
     parser.add_argument(
-        "--rate", type=_positive_float, metavar="R", help="open loop: R messages/s in total (pingpong)"
+        "--rate",
+        type=_rate,
+        metavar="R|START:END",
+        help="open loop: R messages/s in total, or a rate rising linearly from START to END over --duration",
     )
     parser.add_argument(
         "--reconnect",
@@ -244,6 +250,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_CONNECTIONS = 50
+
+
+def _rate(text: str) -> tuple[float, float]:
+    """``--rate R`` (constant) or ``--rate START:END`` (a linear ramp over the run)."""
+    start, sep, end = text.partition(":")
+    try:
+        return (_positive_float(start), _positive_float(end)) if sep else (_positive_float(text),) * 2
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not R or START:END (rates > 0)") from None
 
 
 def _ramp(text: str) -> tuple[int, float]:

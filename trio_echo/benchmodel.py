@@ -8,6 +8,7 @@ precomputed block, so verifying costs a memcmp, not a Python loop.
 from __future__ import annotations
 
 import collections
+import math
 import random
 
 import attrs
@@ -182,3 +183,17 @@ def ramp_start(index: int, connections: int, seconds: float) -> float:
     if connections <= 1 or seconds <= 0:
         return 0.0
     return seconds * index / (connections - 1)
+
+
+def message_due(number: float, start: float, end: float, duration: float) -> float:
+    """Open loop at a rate rising linearly from ``start`` to ``end`` messages/s over ``duration``
+    seconds (``--rate START:END``; equal for a constant rate): when message ``number`` (0-based; a
+    fraction staggers connections) is due, in seconds from the start. It solves
+    ``start*t + (end-start)*t**2/(2*duration) = number``; past ``duration`` the rate stays ``end``."""
+    if start == end or duration <= 0:
+        return number / end
+    slope = (end - start) / duration
+    ramped = start * duration + slope * duration * duration / 2  # messages due within the ramp
+    if number >= ramped:
+        return duration + (number - ramped) / end
+    return (-start + math.sqrt(start * start + 2 * slope * number)) / slope
