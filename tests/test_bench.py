@@ -370,3 +370,39 @@ async def test_a_linear_rate_ramp() -> None:
     assert 300 <= first <= 500
     assert 650 <= second <= 950
     assert 1100 <= int(result["roundtrips"]) <= 1210  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+async def test_hdr_log_is_an_interval_log_hdrhistograms_reader_reads(tmp_path: Path, processes: str) -> None:
+    from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+    from hdrh.log import HistogramLogReader  # type: ignore[import-untyped]
+
+    log = tmp_path / "latency.hlog"
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        code, lines = await _bench_lines(
+            server.addresses[0],
+            "--duration",
+            "2.5",
+            "--connections",
+            "3",
+            "--processes",
+            processes,
+            "--hdr-log",
+            str(log),
+        )
+    *seconds, result = lines
+    assert code == 0
+    text = log.read_text()
+    assert text.startswith("#[Logged with trio-echo bench")
+    assert "#[Histogram log format version 1.3]" in text
+    reader = HistogramLogReader(str(log), HdrHistogram(1, 3_600_000_000, 3))
+    counts = []
+    try:
+        while (interval := reader.get_next_interval_histogram()) is not None:
+            counts.append(interval.get_total_count())
+    finally:
+        reader.close()
+    # one interval per whole second, the same counts the JSON stream gave
+    assert counts == [line["roundtrips_per_s"] for line in seconds]
+    assert len(counts) == 2
+    assert 0 < sum(counts) <= int(result["roundtrips"])  # type: ignore[call-overload]

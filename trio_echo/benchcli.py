@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import functools
 import json
 import math
 import subprocess
 import sys
-from typing import Any
+import time
+from typing import Any, TextIO
 
 import attrs
 import trio
@@ -25,7 +27,7 @@ from .client import MAX_DATAGRAM, add_tls_arguments
 from .errors import AddressError
 
 
-async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]:
+async def run_in_processes(opts: argparse.Namespace, output: IntervalOutput) -> tuple[Tally, Any, float]:
     """Spread the connections over ``opts.processes`` worker processes and merge what they report."""
     share = [
         opts.connections // opts.processes + (i < opts.connections % opts.processes)
@@ -48,7 +50,7 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
             argv += ["--rate", f"{start}:{end}"]
         if opts.ramp is not None:
             argv += ["--ramp", f"{opts.ramp[0]}:{opts.ramp[1]}"]
-        argv += ["--json-stream"] * opts.json_stream
+        argv += ["--json-stream"] * bool(opts.json_stream or opts.hdr_log)  # (its seconds, raw)
         # Read the worker's lines as they come: its seconds (--json-stream), then its result.
         run = functools.partial(trio.run_process, [*argv, "--worker"], stdout=subprocess.PIPE, check=False)
         async with trio.open_nursery() as reading:
@@ -65,7 +67,7 @@ async def run_in_processes(opts: argparse.Namespace) -> tuple[Tally, Any, float]
                     else:
                         results.append(message)
 
-    seconds = _Seconds(len([c for c in share if c]))
+    seconds = _Seconds(len([c for c in share if c]), output)
     async with trio.open_nursery() as nursery:
         for index, connections in enumerate(share):
             if connections:
@@ -87,8 +89,9 @@ class _Seconds:
     """--json-stream across worker processes: one line per second once every worker has reported
     it (the seconds some workers did not reach come at the end)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, output: IntervalOutput) -> None:
         self.workers = workers
+        self.output = output
         self.pending: dict[int, list[tuple[Second, Any]]] = {}
 
     def add(self, second: Second, histogram: str) -> None:
@@ -108,11 +111,43 @@ class _Seconds:
             merged = merged.merged(second)
         for _, encoded in parts:
             histogram.decode_and_add(base64.b64decode(encoded))
-        print_second(merged, histogram)
+        self.output(merged, histogram)
 
 
-def print_second(second: Second, histogram: Any) -> None:
-    print(json.dumps(second_line(second, percentiles(histogram))), flush=True)
+class IntervalOutput:
+    """Where each second of the run goes: a ``--json-stream`` line on stdout and/or an interval of
+    the ``--hdr-log`` (HdrHistogram's interval log format, latencies in µs, maxima in ms)."""
+
+    def __init__(self, *, json_stream: bool, hdr_log: TextIO | None) -> None:
+        self.json_stream = json_stream
+        self.hdr_log = hdr_log
+        if hdr_log is not None:
+            hdr_log.write(hdr_log_header(time.time()))
+
+    @property
+    def wanted(self) -> bool:
+        return self.json_stream or self.hdr_log is not None
+
+    def __call__(self, second: Second, histogram: Any) -> None:
+        if self.json_stream:
+            print(json.dumps(second_line(second, percentiles(histogram))), flush=True)
+        if self.hdr_log is not None:
+            payload = histogram.encode().decode() if histogram.get_total_count() else ""
+            max_ms = histogram.get_max_value() / 1000 if histogram.get_total_count() else 0.0
+            self.hdr_log.write(f"{second.second - 1:.3f},1.000,{max_ms:.3f},{payload}\n")
+            self.hdr_log.flush()
+
+
+def hdr_log_header(started: float) -> str:
+    """The interval log's header (HdrHistogram log format 1.3); interval start times are relative
+    to the run's start."""
+    stamp = datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat()
+    return (
+        "#[Logged with trio-echo bench: latencies in microseconds]\n"
+        "#[Histogram log format version 1.3]\n"
+        f"#[StartTime: {started:.3f} (seconds since epoch), {stamp}]\n"
+        '"StartTimestamp","Interval_Length","Interval_Max","Interval_Compressed_Histogram"\n'
+    )
 
 
 def _worker_second(second: Second, histogram: Any) -> None:
@@ -138,14 +173,28 @@ def main(args: argparse.Namespace) -> int:
     elif args.connections is None:
         args.connections = DEFAULT_CONNECTIONS
     args.progress = sys.stderr.isatty() and not args.json and not args.json_stream and not args.worker
-    if args.processes > 1:
-        tally, histogram, duration = trio.run(run_in_processes, args)
-    else:
-        run = Run(address, args, args.connections, args.worker_seed)
-        if args.json_stream:
-            run.on_second = _worker_second if args.worker else print_second
-        duration = trio.run(run.run)
-        tally, histogram = run.tally, run.histogram
+    hdr_log = None
+    if args.hdr_log and not args.worker:
+        try:
+            hdr_log = open(args.hdr_log, "w", encoding="ascii")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            print(f"trio-echo bench: cannot write --hdr-log {args.hdr_log}: {exc.strerror}", file=sys.stderr)
+            return 2
+    output = IntervalOutput(json_stream=args.json_stream and not args.worker, hdr_log=hdr_log)
+    try:
+        if args.processes > 1:
+            tally, histogram, duration = trio.run(run_in_processes, args, output)
+        else:
+            run = Run(address, args, args.connections, args.worker_seed)
+            if args.worker and args.json_stream:
+                run.on_second = _worker_second
+            elif output.wanted:
+                run.on_second = output
+            duration = trio.run(run.run)
+            tally, histogram = run.tally, run.histogram
+    finally:
+        if hdr_log is not None:
+            hdr_log.close()
     if args.worker:
         print(
             json.dumps(
@@ -230,6 +279,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--processes", type=positive_int, default=1, metavar="P")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--hdr-log",
+        metavar="FILE",
+        help="write each second's latency histogram to FILE (HdrHistogram interval log, microseconds)",
+    )
     parser.add_argument(
         "--json-stream",
         action="store_true",
