@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import trio
@@ -17,6 +19,7 @@ import trustme
 from tests.conftest import make_config, running_server
 from tests.test_tls import server_pem
 from trio_echo.benchmodel import PERIOD, Pattern, Tally, message_due, report
+from trio_echo.benchplot import _nice, percentile_points, percentile_svg
 
 KEYS = {"verified", "roundtrips_per_s", "mb_per_s", "errors", "error_kinds", "latency_us"}
 
@@ -406,3 +409,43 @@ async def test_hdr_log_is_an_interval_log_hdrhistograms_reader_reads(tmp_path: P
     assert counts == [line["roundtrips_per_s"] for line in seconds]
     assert len(counts) == 2
     assert 0 < sum(counts) <= int(result["roundtrips"])  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("value", "axis"), [(0.0, 1.0), (0.3, 0.5), (1.0, 1.0), (3.2, 5.0), (7.0, 10.0), (12, 20)]
+)
+def test_plot_axis_ends_on_a_round_number(value: float, axis: float) -> None:
+    assert _nice(value) == axis
+
+
+def test_percentile_plot_is_svg_with_the_distribution_in_nines() -> None:
+    points = percentile_points(lambda percentile: 1000.0 + percentile * 10)
+    assert len(points) == 121
+    assert points[0] == (0.0, 1000.0)
+    assert points[20][0] == pytest.approx(90.0)
+    assert points[-1][0] == pytest.approx(99.9999)
+    document = ElementTree.fromstring(percentile_svg(points, title="a <run> & more"))
+    namespace = "{http://www.w3.org/2000/svg}"
+    (line,) = document.iter(f"{namespace}polyline")
+    coordinates = [tuple(map(float, pair.split(","))) for pair in line.get("points", "").split()]
+    xs = [x for x, _ in coordinates]
+    ys = [y for _, y in coordinates]
+    assert xs == sorted(xs)
+    steps = [b - a for a, b in itertools.pairwise(xs)]
+    assert max(steps) - min(steps) < 0.2  # even in nines (coordinates are rounded to 0.1)
+    assert ys == sorted(ys, reverse=True)  # latency rises (SVG's y grows downwards)
+    texts = [text.text for text in document.iter(f"{namespace}text")]
+    assert "a <run> & more" in texts
+    assert {"90%", "99%", "99.9%", "99.9999%"} <= set(texts)
+
+
+async def test_bench_plot_writes_the_svg(tmp_path: Path) -> None:
+    plot = tmp_path / "latency.svg"
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        code, _ = await bench(
+            server.addresses[0], "--count", "300", "--connections", "3", "--plot", str(plot)
+        )
+    assert code == 0
+    document = ElementTree.fromstring(plot.read_text())
+    assert document.tag == "{http://www.w3.org/2000/svg}svg"
+    assert "3 connections, 1024 B" in plot.read_text()

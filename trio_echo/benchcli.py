@@ -23,6 +23,7 @@ import trio
 from .addresses import Address, parse_address
 from .bench import Run, new_histogram, percentiles
 from .benchmodel import PERIOD, Second, Tally, report, second_line, summary_line
+from .benchplot import percentile_points, percentile_svg
 from .client import MAX_DATAGRAM, add_tls_arguments
 from .errors import AddressError
 
@@ -214,6 +215,15 @@ def main(args: argparse.Namespace) -> int:
     mode = f"udp-{args.mode}" if address.transport == "udp" else args.mode
     tls = address.transport == "tls" or bool(args.tls or args.ca or args.insecure)
     result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=mode, tls=tls)
+    if args.plot and histogram.get_total_count():
+        title = f"trio-echo bench {args.address}: {mode}, {tally.connections} connections, {args.size} B"
+        points = percentile_points(histogram.get_value_at_percentile)
+        try:
+            with open(args.plot, "w", encoding="utf-8") as plot:
+                plot.write(percentile_svg(points, title=title))
+        except OSError as exc:
+            print(f"trio-echo bench: cannot write --plot {args.plot}: {exc.strerror}", file=sys.stderr)
+            return 2
     if args.progress:
         sys.stderr.write("\r" + " " * 80 + "\r")
     print(json.dumps(result) if args.json or args.json_stream else summary_line(result))
@@ -279,6 +289,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--processes", type=positive_int, default=1, metavar="P")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.svg",
+        help="draw the latency percentile distribution (log scale in nines) as an SVG file",
+    )
     parser.add_argument(
         "--hdr-log",
         metavar="FILE",
