@@ -18,7 +18,7 @@ import trustme
 
 from tests.conftest import make_config, running_server
 from tests.test_tls import server_pem
-from trio_echo.benchmodel import PERIOD, Pattern, Tally, message_due, report
+from trio_echo.benchmodel import PERIOD, Pattern, RateSearch, Tally, kept, message_due, report
 from trio_echo.benchplot import _nice, percentile_points, percentile_svg
 
 KEYS = {"verified", "roundtrips_per_s", "mb_per_s", "errors", "error_kinds", "latency_us"}
@@ -449,3 +449,64 @@ async def test_bench_plot_writes_the_svg(tmp_path: Path) -> None:
     document = ElementTree.fromstring(plot.read_text())
     assert document.tag == "{http://www.w3.org/2000/svg}svg"
     assert "3 connections, 1024 B" in plot.read_text()
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "outcomes", "rates", "best"),
+    [
+        (1000.0, [True], [1000.0], 1000.0),  # the ceiling itself keeps it: done
+        (1000.0, [False, True, False, True], [1000.0, 500.0, 750.0, 625.0], 625.0),
+        (800.0, [False] * 7, [800.0, 400.0, 200.0, 100.0, 50.0, 25.0, 12.5], 0.0),  # nothing keeps it
+    ],
+)
+def test_rate_search_bisects_below_the_ceiling(
+    ceiling: float, outcomes: list[bool], rates: list[float], best: float
+) -> None:
+    search = RateSearch(ceiling, steps=6)
+    asked = []
+    for ok in outcomes:
+        assert not search.done
+        asked.append(search.next_rate())
+        search.record(asked[-1], ok)
+    assert asked == rates
+    assert search.best == best
+    if len(outcomes) in (1, 7):
+        assert search.done
+
+
+@pytest.mark.parametrize(
+    ("p99_us", "achieved", "verified", "ok"),
+    [
+        (900.0, 100.0, True, True),
+        (1100.0, 100.0, True, False),
+        (900.0, 90.0, True, False),
+        (900.0, 100.0, False, False),
+    ],
+)
+def test_a_trial_keeps_the_target(p99_us: float, achieved: float, verified: bool, ok: bool) -> None:
+    latency = {"p50": 1.0, "p90": 1.0, "p99": p99_us, "p999": 1.0, "max": 1.0}
+    assert kept(latency, target_ms=1.0, rate=100.0, achieved=achieved, verified=verified) is ok
+
+
+@pytest.mark.parametrize(("target_ms", "found"), [("200", True), ("20", False)])
+async def test_max_rate_against_a_server_with_50_ms_of_latency(target_ms: str, found: bool) -> None:
+    config = make_config(
+        server={"listen": [{"address": "127.0.0.1:0", "faults": "slow"}]}, faults={"slow": {"latency": 0.05}}
+    )
+    async with running_server(config) as server:
+        code, result = await bench(
+            server.addresses[0], "--duration", "1", "--connections", "4", "--max-rate", target_ms
+        )
+    trials = result["trials"]
+    assert isinstance(trials, list)
+    assert result["verified"] is True
+    if found:
+        assert code == 0
+        best = float(result["max_rate"])  # type: ignore[arg-type]
+        assert best > 0
+        assert any(trial["kept"] and trial["rate"] == round(best, 1) for trial in trials)
+        assert all(trial["p99_ms"] <= 200 for trial in trials if trial["kept"])
+    else:
+        assert code == 1  # every answer takes 50 ms: no rate keeps p99 under 20 ms
+        assert result["max_rate"] == 0
+        assert not any(trial["kept"] for trial in trials)

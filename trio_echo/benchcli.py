@@ -22,7 +22,7 @@ import trio
 
 from .addresses import Address, parse_address
 from .bench import Run, new_histogram, percentiles
-from .benchmodel import PERIOD, Second, Tally, report, second_line, summary_line
+from .benchmodel import PERIOD, RateSearch, Second, Tally, kept, report, second_line, summary_line
 from .benchplot import percentile_points, percentile_svg
 from .client import MAX_DATAGRAM, add_tls_arguments
 from .errors import AddressError
@@ -156,6 +156,77 @@ def _worker_second(second: Second, histogram: Any) -> None:
     print(json.dumps({"second": attrs.asdict(second), "histogram": encoded}), flush=True)
 
 
+def measure(address: Address, args: argparse.Namespace, output: IntervalOutput) -> tuple[Tally, Any, float]:
+    """One run, in this process or spread over ``--processes``."""
+    if args.processes > 1:
+        return trio.run(run_in_processes, args, output)
+    run = Run(address, args, args.connections, args.worker_seed)
+    if args.worker and args.json_stream:
+        run.on_second = _worker_second
+    elif output.wanted:
+        run.on_second = output
+    duration = trio.run(run.run)
+    return run.tally, run.histogram, duration
+
+
+def max_rate(address: Address, args: argparse.Namespace) -> int:
+    """``--max-rate P99_MS``: a closed-loop trial for the ceiling, then open-loop trials of
+    ``--duration`` each, bisecting for the highest rate that keeps p99 within the target."""
+    quiet = IntervalOutput(json_stream=False, hdr_log=None)
+    plain = argparse.Namespace(**{**vars(args), "rate": None, "progress": False, "json_stream": False})
+    tally, _, duration = measure(address, plain, quiet)
+    trials: list[dict[str, object]] = []
+    verified = tally.verified
+    ceiling = tally.roundtrips / max(duration, 1e-9)
+    search = RateSearch(ceiling) if verified and ceiling > 0 else None
+    while search is not None and not search.done:
+        rate = search.next_rate()
+        tally, histogram, duration = measure(
+            address, argparse.Namespace(**{**vars(plain), "rate": (rate, rate)}), quiet
+        )
+        latency = percentiles(histogram)
+        achieved = tally.roundtrips / max(duration, 1e-9)
+        ok = kept(latency, target_ms=args.max_rate, rate=rate, achieved=achieved, verified=tally.verified)
+        search.record(rate, ok)
+        trials.append(
+            {
+                "rate": round(rate, 1),
+                "achieved": round(achieved, 1),
+                "p99_ms": latency["p99"] / 1000,
+                "kept": ok,
+            }
+        )
+        if not args.json:
+            print(
+                f"  {rate:10.1f}/s: p99 {latency['p99'] / 1000:.3f} ms, {achieved:.1f}/s"
+                f"  {'kept' if ok else 'over'}",
+                file=sys.stderr,
+            )
+        if not tally.verified:
+            verified = False
+            break
+    best = search.best if search is not None else 0.0
+    result = {
+        "max_rate": round(best, 1),
+        "p99_target_ms": args.max_rate,
+        "ceiling": round(ceiling, 1),
+        "verified": verified,
+        "trials": trials,
+    }
+    if args.json:
+        print(json.dumps(result))
+    elif not verified:
+        print("max rate: NOT VERIFIED: the server's echo was wrong or missing (see --json)")
+    elif best:
+        print(
+            f"max rate {best:.1f}/s with p99 <= {args.max_rate:g} ms "
+            f"(ceiling {ceiling:.1f}/s, {len(trials)} trials)"
+        )
+    else:
+        print(f"max rate: no rate tried kept p99 <= {args.max_rate:g} ms (ceiling {ceiling:.1f}/s)")
+    return 0 if verified and best > 0 else 1
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point from the CLI: exit 0 only for a verified run without errors."""
     try:
@@ -174,6 +245,8 @@ def main(args: argparse.Namespace) -> int:
     elif args.connections is None:
         args.connections = DEFAULT_CONNECTIONS
     args.progress = sys.stderr.isatty() and not args.json and not args.json_stream and not args.worker
+    if args.max_rate is not None:
+        return max_rate(address, args)
     hdr_log = None
     if args.hdr_log and not args.worker:
         try:
@@ -183,16 +256,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
     output = IntervalOutput(json_stream=args.json_stream and not args.worker, hdr_log=hdr_log)
     try:
-        if args.processes > 1:
-            tally, histogram, duration = trio.run(run_in_processes, args, output)
-        else:
-            run = Run(address, args, args.connections, args.worker_seed)
-            if args.worker and args.json_stream:
-                run.on_second = _worker_second
-            elif output.wanted:
-                run.on_second = output
-            duration = trio.run(run.run)
-            tally, histogram = run.tally, run.histogram
+        tally, histogram, duration = measure(address, args, output)
     finally:
         if hdr_log is not None:
             hdr_log.close()
@@ -233,6 +297,10 @@ def main(args: argparse.Namespace) -> int:
 def _usage_problem(address: Address, args: argparse.Namespace) -> str | None:
     if args.rate is not None and args.rate[0] != args.rate[1] and args.count is not None:
         return "--rate START:END ramps over --duration; it cannot be used with --count"
+    if args.max_rate is not None and (
+        args.rate is not None or args.count is not None or args.mode == "stream"
+    ):
+        return "--max-rate searches the open-loop rate itself: no --rate, --count or --mode stream"
     ramped = args.ramp is not None and not args.worker  # (a worker gets its share and the whole ramp)
     if ramped and args.connections is not None and args.connections != args.ramp[0]:
         return f"--ramp {args.ramp[0]}:... opens {args.ramp[0]} connections; leave out --connections"
@@ -289,6 +357,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--processes", type=positive_int, default=1, metavar="P")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--max-rate",
+        type=_positive_float,
+        metavar="P99_MS",
+        help="search for the highest open-loop rate whose p99 stays within P99_MS (trials of --duration)",
+    )
     parser.add_argument(
         "--plot",
         metavar="FILE.svg",

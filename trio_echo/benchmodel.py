@@ -197,3 +197,46 @@ def message_due(number: float, start: float, end: float, duration: float) -> flo
     if number >= ramped:
         return duration + (number - ramped) / end
     return (-start + math.sqrt(start * start + 2 * slope * number)) / slope
+
+
+class RateSearch:
+    """``--max-rate P99_MS``: the highest open-loop rate whose p99 stays within the target, found by
+    bisection below the closed-loop ceiling (the first trial's throughput).
+
+    Ask :meth:`next_rate`, run a trial at it, tell :meth:`record` whether it kept the target; after
+    ``steps`` bisections (or once the ceiling itself passes) :attr:`done` is true and :attr:`best`
+    is the answer (0: not even the lowest rate tried kept it).
+    """
+
+    def __init__(self, ceiling: float, *, steps: int = 6) -> None:
+        if ceiling <= 0:
+            raise ValueError("the ceiling must be > 0")
+        self.low, self.high = 0.0, ceiling
+        self.steps = steps
+        self.trials: list[tuple[float, bool]] = []
+        self.done = False
+
+    @property
+    def best(self) -> float:
+        return self.low
+
+    def next_rate(self) -> float:
+        """The ceiling first, then the middle of what is still open."""
+        return self.high if not self.trials else (self.low + self.high) / 2
+
+    def record(self, rate: float, ok: bool) -> None:
+        first = not self.trials
+        self.trials.append((rate, ok))
+        if ok:
+            self.low = rate
+        else:
+            self.high = rate
+        self.done = (first and ok) or len(self.trials) > self.steps
+
+
+def kept(
+    latency_us: dict[str, float], *, target_ms: float, rate: float, achieved: float, verified: bool
+) -> bool:
+    """Whether one ``--max-rate`` trial kept the target: every byte verified, p99 within it, and the
+    rate actually reached (within 5 %: a client that cannot keep up has not tested the server)."""
+    return verified and latency_us["p99"] <= target_ms * 1000 and achieved >= 0.95 * rate
