@@ -121,6 +121,15 @@ class Run:
             on_second(second_of(before, now, second=second, open_connections=now.open), histogram)
             before = now
 
+    async def _turn(self, index: int, done: int) -> float:
+        """Wait until this connection's message ``done`` is due (open loop; closed loop: now) and
+        return when it was due: latency counts from then."""
+        due = self._due(index, done)
+        if due is None:
+            return trio.current_time()
+        await trio.sleep_until(due)
+        return due
+
     def _due(self, index: int, done: int) -> float | None:
         """Open loop (``--rate``): when this connection's message ``done`` is due; None: closed loop."""
         rate = self.opts.rate
@@ -194,10 +203,7 @@ class Run:
         offset = done = 0
         with trio.move_on_at(self.deadline):
             while count is None or done < count:
-                due = self._due(index, done)
-                intended = trio.current_time() if due is None else due
-                if due is not None:
-                    await trio.sleep_until(due)
+                intended = await self._turn(index, done)
                 try:
                     await stream.send_all(pattern.chunk(offset, size))
                     await self._expect(stream, pattern, offset, size)
@@ -222,10 +228,7 @@ class Run:
         done = 0
         with trio.move_on_at(self.deadline):
             while count is None or done < count:
-                due = self._due(index, done)
-                intended = trio.current_time() if due is None else due
-                if due is not None:
-                    await trio.sleep_until(due)
+                intended = await self._turn(index, done)
                 try:
                     stream = await connect(self.address, self.tls)
                 except ClientError:
@@ -259,10 +262,7 @@ class Run:
         done = 0
         with sock, self._open(), trio.move_on_at(self.deadline):  # (a UDP "connection": its socket)
             while count is None or done < count:
-                due = self._due(index, done)
-                intended = trio.current_time() if due is None else due
-                if due is not None:
-                    await trio.sleep_until(due)
+                intended = await self._turn(index, done)
                 header = struct.pack("!Q", done)
                 try:
                     await sock.send(header + pattern.chunk(done * size, size - 8))
