@@ -6,6 +6,7 @@ import contextlib
 import functools
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -510,3 +511,24 @@ async def test_max_rate_against_a_server_with_50_ms_of_latency(target_ms: str, f
         assert code == 1  # every answer takes 50 ms: no rate keeps p99 under 20 ms
         assert result["max_rate"] == 0
         assert not any(trial["kept"] for trial in trials)
+
+
+async def test_processes_auto_is_one_per_cpu_it_may_use() -> None:
+    async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [
+                    *("taskset", "-c", "0", sys.executable, "-m", "trio_echo", "bench", server.addresses[0]),
+                    *("--count", "40", "--connections", "4", "--processes", "auto", "--json"),
+                ],
+                capture_stdout=True,
+                check=False,
+            )
+            code, wide = await bench(
+                server.addresses[0], "--count", "40", "--connections", "4", "--processes", "auto"
+            )
+    pinned = json.loads(done.stdout)
+    assert done.returncode == 0
+    assert (pinned["verified"], pinned["processes"]) == (True, 1)  # taskset gave it one CPU
+    assert code == 0
+    assert (wide["connections"], wide["processes"]) == (4, len(os.sched_getaffinity(0)))

@@ -12,6 +12,7 @@ import datetime
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -279,6 +280,7 @@ def main(args: argparse.Namespace) -> int:
     mode = f"udp-{args.mode}" if address.transport == "udp" else args.mode
     tls = address.transport == "tls" or bool(args.tls or args.ca or args.insecure)
     result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=mode, tls=tls)
+    result["processes"] = args.processes
     if args.plot and histogram.get_total_count():
         title = f"trio-echo bench {args.address}: {mode}, {tally.connections} connections, {args.size} B"
         points = percentile_points(histogram.get_value_at_percentile)
@@ -355,7 +357,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pingpong: when the server closes a connection cleanly with no echo owed (a drain, a "
         "rolling restart), open a new one and carry on; counted as reconnects, not errors",
     )
-    parser.add_argument("--processes", type=positive_int, default=1, metavar="P")
+    parser.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        metavar="P|auto",
+        help="spread the connections over P processes (auto: one per CPU this process may use)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--max-rate",
@@ -393,6 +401,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_CONNECTIONS = 50
+
+
+def _processes(text: str) -> int:
+    """``--processes P`` or ``auto``: the CPUs in this process's affinity mask (what ``taskset`` gives)."""
+    if text != "auto":
+        return positive_int(text)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _rate(text: str) -> tuple[float, float]:
