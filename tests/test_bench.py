@@ -190,8 +190,6 @@ def test_pattern_and_report_model() -> None:
 
 
 async def test_progress_line_only_on_a_terminal() -> None:
-    import os
-
     async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
         primary, secondary = os.openpty()
         try:
