@@ -168,6 +168,7 @@ class FaultedPump:
             self.faults.reset = True
 
     async def _send_pending(self) -> None:
+        """What the session has to send now (the greeting, or after the client's EOF the farewell)."""
         session = self.session
         while session.next_step() is Step.SEND:
             data = session.outgoing
@@ -180,17 +181,12 @@ class FaultedPump:
         if slow_close:
             self._report("slow_close", seconds=slow_close)
             await trio.sleep(slow_close)
-        session = self.session
-        while (step := session.next_step()) is not Step.DONE:
-            if step is Step.SEND:
-                data = session.outgoing
-                await self._write(data)
-                session.sent(len(data))
-            else:  # Step.SEND_EOF (the session reads nothing after the client's EOF)
-                with trio.move_on_after(self.policy.send_timeout):
-                    if isinstance(self.stream, trio.abc.HalfCloseableStream):
-                        await self.stream.send_eof()
-                session.sent_eof()
+        await self._send_pending()
+        if self.session.next_step() is Step.SEND_EOF:
+            with trio.move_on_after(self.policy.send_timeout):
+                if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                    await self.stream.send_eof()
+            self.session.sent_eof()
 
     async def _write(self, data: bytes | bytearray | memoryview) -> None:
         """One write, within ``send_timeout``."""

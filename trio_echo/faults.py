@@ -149,11 +149,7 @@ class ConnectionFaults:
     def due(self, now: float) -> float:
         """When a chunk read ``now`` is to be echoed: ``latency`` +- ``jitter`` later, never before the
         chunk ahead of it (order is kept)."""
-        profile = self.profile
-        delay = profile.latency
-        if profile.jitter:
-            delay = max(0.0, delay + self.rng.uniform(-profile.jitter, profile.jitter))
-        self._last_due = max(self._last_due, now + delay) if delay else max(self._last_due, now)
+        self._last_due = max(self._last_due, now + _delay(self.profile, self.rng))
         return self._last_due
 
     def corrupt(self, chunk: bytes | bytearray | memoryview) -> tuple[bytes | bytearray | memoryview, int]:
@@ -162,10 +158,7 @@ class ConnectionFaults:
         probability = self.profile.corrupt
         if not chunk or not probability or self.rng.random() >= probability:
             return chunk, -1
-        changed = bytearray(chunk)
-        index = self.rng.randrange(len(changed))
-        changed[index] ^= self.rng.randrange(1, 256)
-        return changed, index
+        return _flip_one(chunk, self.rng)
 
     def pieces(self, size: int) -> list[tuple[int, int]]:
         """``(start, end)`` of each write of a ``size``-byte echo: at most ``slice`` bytes each."""
@@ -210,14 +203,9 @@ class DatagramFaults:
             return ["loss"]
         kinds = []
         if self._chance(profile.corrupt) and datagram:
-            changed = bytearray(datagram)
-            changed[self.rng.randrange(len(changed))] ^= self.rng.randrange(1, 256)
-            datagram = bytes(changed)
+            datagram = bytes(_flip_one(datagram, self.rng)[0])
             kinds.append("corrupt")
-        delay = profile.latency
-        if profile.jitter:
-            delay = max(0.0, delay + self.rng.uniform(-profile.jitter, profile.jitter))
-        due = max(self._last_due, now + delay)
+        due = max(self._last_due, now + _delay(profile, self.rng))
         if len(self) >= MAX_DELAYED_DATAGRAMS:
             return [*kinds, "overflow"]
         if self._chance(profile.reorder):
@@ -256,3 +244,18 @@ class DatagramFaults:
 
     def __len__(self) -> int:
         return len(self._queue) + len(self._held)
+
+
+def _delay(profile: FaultProfile, rng: random.Random) -> float:
+    """``latency`` +- uniform ``jitter``, never below 0."""
+    if not profile.jitter:
+        return profile.latency
+    return max(0.0, profile.latency + rng.uniform(-profile.jitter, profile.jitter))
+
+
+def _flip_one(data: bytes | bytearray | memoryview, rng: random.Random) -> tuple[bytearray, int]:
+    """A copy of ``data`` (not empty) with exactly one byte changed, and that byte's index."""
+    changed = bytearray(data)
+    index = rng.randrange(len(changed))
+    changed[index] ^= rng.randrange(1, 256)
+    return changed, index
