@@ -19,6 +19,9 @@ from trio_echo.errors import AddressError
         ("tls://[::]:443", Address(transport="tls", host="::", port=443)),
         ("udp://0.0.0.0:7", Address(transport="udp", host="0.0.0.0", port=7)),
         ("tls://unix:/x", Address(transport="tls", path="/x")),
+        ("http://127.0.0.1:8080", Address(transport="http", host="127.0.0.1", port=8080)),
+        ("https://[::1]:8443", Address(transport="https", host="::1", port=8443)),
+        ("http://unix:/run/echo.sock", Address(transport="http", path="/run/echo.sock")),
         (" :65535 ", Address(port=65535)),
     ],
 )
@@ -43,7 +46,8 @@ def test_parse_valid(text: str, expected: Address) -> None:
         ("unix:", "needs a path"),
         ("unix:/a\0b", "NUL"),
         ("udp://unix:/x", "UDP over Unix"),
-        ("http://:80", "unknown scheme"),
+        ("ftp://:80", "unknown scheme"),
+        ("https://unix:", "needs a path"),
         ("host:٣", "not a number"),
     ],
 )

@@ -229,7 +229,7 @@ def test_metrics_parse_as_prometheus_text() -> None:
 
 def test_tcp_info() -> None:
     fields = [0] * 24
-    fields[13], fields[15], fields[16], fields[18], fields[23] = 1500, 250, 40, 10, 3
+    fields[2], fields[13], fields[15], fields[16], fields[18], fields[23] = 1448, 1500, 250, 40, 10, 3
     raw = bytes(8) + struct.pack("=24I", *fields)
     assert len(raw) == SIZE
     assert parse_tcp_info(raw) == {
@@ -237,6 +237,7 @@ def test_tcp_info() -> None:
         "rttvar_us": 40,
         "retransmits": 3,
         "pmtu": 1500,
+        "mss": 1448,
         "snd_cwnd": 10,
     }
     assert parse_tcp_info(raw[:50]) == {}

@@ -75,7 +75,7 @@ def test_full_file_parses() -> None:
         ("[server]\nlisten = [':1', ':1']", "server.listen[1] = ':1': is listed twice"),
         (
             "[server]\nlisten = ['tls://:1']",
-            "tls.cert_file = '': a tls:// listener needs tls.cert_file and tls.key_file",
+            "tls.cert_file = '': a tls:// or https:// listener needs tls.cert_file and tls.key_file",
         ),
         (
             "[server]\nlisten = [{ address = 'udp://:1', proxy_protocol = 'v2', trusted_proxies = ['::1'] }]",

@@ -118,3 +118,76 @@ async def _exercise(port: int, one: EchoServer, two: EchoServer) -> None:
         await stream.send_eof()
         assert await stream.receive_some(10) == b""
         await stream.aclose()
+
+
+HTTP_CONFIG = """\
+global
+    maxconn 200
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout tunnel 30s
+frontend web
+    bind 127.0.0.1:{port}
+    unique-id-format req-%{{+X}}o%ci:%cp
+    option forwardfor
+    default_backend trio_echo
+backend trio_echo
+    option httpchk GET /healthz
+    server one 127.0.0.1:{one} send-proxy-v2 proxy-v2-options unique-id check inter 100ms fall 2 rise 1
+"""
+
+
+async def test_http_listener_behind_haproxy_shows_the_original_client(tmp_path: Path) -> None:
+    """HAProxy in HTTP mode with send-proxy-v2 in front of an http:// listener: the JSON names the
+    client HAProxy accepted (not HAProxy), shows the PROXY header with its unique-id TLV, and a
+    WebSocket upgrade passes through; HAProxy's HTTP checks are health checks, not clients."""
+    from tests.test_web import curl, documents, in_websocket
+
+    config = make_config(
+        server={
+            "listen": [
+                {"address": "http://127.0.0.1:0", "proxy_protocol": "v2", "trusted_proxies": ["127.0.0.1/32"]}
+            ]
+        }
+    )
+    with trio.fail_after(60):
+        async with running_server(config) as one:
+            port = free_port()
+            haproxy_cfg = tmp_path / "haproxy.cfg"
+            haproxy_cfg.write_text(HTTP_CONFIG.format(port=port, one=port_of(one.addresses[0])))
+            async with trio.open_nursery() as nursery:
+                process: trio.Process = await nursery.start(
+                    functools.partial(trio.run_process, [HAPROXY, "-db", "-f", str(haproxy_cfg)], check=False)
+                )
+                try:
+                    await wait_until(lambda: bool(one.stats.health_checks))
+                    code, out, err = "", "", ""
+                    for _ in range(200):  # HAProxy binds its frontend a moment after it starts
+                        code, out, err = await curl(
+                            "--interface", CLIENT_IP, f"http://127.0.0.1:{port}/behind"
+                        )
+                        if code != 7:  # 7: could not connect (yet)
+                            break
+                        await trio.sleep(0.02)
+                    assert code == 0, err
+                    echoed = await in_websocket(
+                        f"ws://127.0.0.1:{port}/ws", lambda ws: (ws.send("through haproxy"), ws.recv())[1]
+                    )
+                finally:
+                    process.terminate()
+    [document] = documents(out)
+    connection = document["connection"]
+    assert connection["peer"].startswith(f"{CLIENT_IP}:")
+    assert connection["via"].startswith("127.0.0.1:")
+    proxy = connection["proxy"]
+    assert proxy["version"] == 2
+    assert proxy["source"]["ip"] == CLIENT_IP
+    assert proxy["destination"] == {"ip": "127.0.0.1", "port": port}
+    [unique_id] = [tlv for tlv in proxy["tlvs"] if tlv.get("name") == "unique_id"]
+    assert unique_id["value"].startswith("req-")
+    assert ["x-forwarded-for", CLIENT_IP] in document["headers"]
+    assert echoed == "through haproxy"
+    assert one.stats.total == 2  # the curl client and the WebSocket; the checks were not clients

@@ -1,7 +1,8 @@
 """ADDR parsing and formatting (pure).
 
 Forms (PRODUCT.md): ``HOST:PORT``, ``[V6ADDR]:PORT``, ``:PORT`` (every family: 0.0.0.0 and ::),
-``unix:/path``; an optional scheme selects the transport: ``tcp://`` (default), ``tls://``, ``udp://``.
+``unix:/path``; an optional scheme selects the transport: ``tcp://`` (default), ``tls://``, ``udp://``,
+``http://`` and ``https://`` (the web echo).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import attrs
 
 from .errors import AddressError
 
-TRANSPORTS = ("tcp", "tls", "udp")
+TRANSPORTS = ("tcp", "tls", "udp", "http", "https")
+WEB_TRANSPORTS = ("http", "https")  # the web echo (web.py): WebSocket and HTTP on one port
+TLS_TRANSPORTS = ("tls", "https")  # the ones with the [tls] certificate
 
 # RFC 1123 host names; a label may start with a digit. IPv4 literals match this too.
 _HOSTNAME = re.compile(

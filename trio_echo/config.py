@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 import attrs
 
-from .addresses import Address, parse_address
+from .addresses import TLS_TRANSPORTS, Address, parse_address
 from .errors import AddressError, ConfigError
 from .events import DEFAULT_FLAGS, Flag
 
-SUPPORTED_TRANSPORTS = ("tcp", "tls", "udp")
+SUPPORTED_TRANSPORTS = ("tcp", "tls", "udp", "http", "https")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FALLBACK_MAX_CONNECTIONS = 4096  # PRODUCT.md: where there is no RLIMIT_NOFILE (Windows)
 SOCKET_BUFFER_MAX = 2**31 - 1  # setsockopt(SO_RCVBUF) takes a C int
@@ -214,6 +214,10 @@ class LimitsConfig:
     """UDP echo: datagrams echoed per second per source address; more are dropped (reason ``rate``)."""
     max_datagram_bytes_per_second_per_ip: int = attrs.field(default=1048576, validator=_non_negative)
     """UDP echo: bytes echoed per second per source address; more are dropped (reason ``bandwidth``)."""
+    max_message_size: int = attrs.field(default=1048576, validator=[_positive, _at_most(256 * 1024 * 1024)])
+    """Web echo: the largest WebSocket message (close 1009 past it) or request body (413)."""
+    request_timeout: float = attrs.field(default=30.0, validator=[_finite, _positive])
+    """Web echo: seconds a request's head and body may take once its first byte is in (408 past it)."""
 
 
 @attrs.frozen
@@ -382,10 +386,12 @@ class Config:
                     entry.faults,
                     f"no [faults.NAME] profile by that name ({known})",
                 )
-        uses_tls = any(entry.address.transport == "tls" for entry in self.server.listen)
+        uses_tls = any(entry.address.transport in TLS_TRANSPORTS for entry in self.server.listen)
         if uses_tls and not (self.tls.cert_file and self.tls.key_file):
             raise ConfigError(
-                "tls.cert_file", self.tls.cert_file, "a tls:// listener needs tls.cert_file and tls.key_file"
+                "tls.cert_file",
+                self.tls.cert_file,
+                "a tls:// or https:// listener needs tls.cert_file and tls.key_file",
             )
 
     def effective_max_connections(self, nofile_limit: int | None) -> int:

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import functools
 import socket as stdlib_socket
-import ssl
 import sys
 
 import attrs
 import trio
 
-from .addresses import format_host_port, format_sockaddr
+from .addresses import WEB_TRANSPORTS, format_host_port, format_sockaddr
 from .admission import Admission, in_any, source_of
 from .closing import refuse
 from .connection import Connection
 from .echo import EchoSession
 from .events import Flag
-from .faults import FaultPlan
+from .faults import ConnectionFaults, FaultPlan
 from .listeners import ListeningSocket, as_stream
 from .policy import Closed, ConnectionPolicy
 from .proxied import receive_header
@@ -35,7 +34,9 @@ from .proxyproto import ProxyHeader
 from .reasons import Reason
 from .runtime import Settings
 from .stats import ConnectionInfo, Stats
+from .tls import Contexts
 from .trace import Tracer
+from .web import WebConnection, WebPolicy
 
 # TCP keepalive on accepted sockets (PRODUCT.md): first probe after 60 s idle, then every 10 s, 5 probes.
 KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 5))
@@ -52,11 +53,12 @@ class Intake:
         settings: what the accept path reads; replace with :meth:`configure`.
         stats: the connection table and counters.
         tracer: ``conn`` events go here.
-        tls_context: for ``tls://`` listeners (None when there are none).
+        tls: the TLS contexts of ``tls://`` and ``https://`` listeners.
+        worker: this worker's index, if a worker (the web echo names it).
     """
 
     def __init__(
-        self, settings: Settings, stats: Stats, tracer: Tracer, tls_context: ssl.SSLContext | None
+        self, settings: Settings, stats: Stats, tracer: Tracer, tls: Contexts, *, worker: int | None = None
     ) -> None:
         self.stats = stats
         self.tracer = tracer
@@ -67,12 +69,13 @@ class Intake:
         self._lingering_refusals = 0
         self._pending_headers = 0  # PROXY listeners: accepted, header not read yet
         # PROXY v2 LOCAL connections: served, but not counted as clients.
-        self.health_checks: dict[EchoSession, Connection] = {}
+        self.health_checks: dict[EchoSession, Connection | WebConnection] = {}
         # One read buffer for every socket pump of this server (see ConnectionPolicy's ``scratch``).
         self._scratch = memoryview(bytearray(settings.config.limits.buffer_size))
-        self.configure(settings, tls_context)
+        self._identity = WebPolicy.identity(worker)
+        self.configure(settings, tls)
 
-    def configure(self, settings: Settings, tls_context: ssl.SSLContext | None) -> None:
+    def configure(self, settings: Settings, tls: Contexts) -> None:
         """Use ``settings`` for connections accepted from now on; open ones keep their policy."""
         limits = settings.config.limits
         self.admission.configure(limits, settings.max_connections)
@@ -88,7 +91,14 @@ class Intake:
         )
         self._client_policy = client
         self._health_check_policy = attrs.evolve(client, on_close=self._health_check_closed)
-        self._tls_context = tls_context
+        self._web = WebPolicy(
+            max_message_size=limits.max_message_size,
+            request_timeout=limits.request_timeout,
+            server=self._identity,
+            on_request=self._http_answered,
+            on_message=self._websocket_echoed,
+        )
+        self._tls = tls
         self.settings = settings
         # The fault profile in force per listener: the file's, until the admin channel sets another
         # (a reload applies the file's again).
@@ -139,8 +149,18 @@ class Intake:
             on_header = functools.partial(self._header_received, proxy_ip=ip, proxy=peer_name, label=label)
             self.handlers.start_soon(receive_header, sock, options, on_header)
 
-    def admit(self, stream: Client, ip: str | None, peer: str, listener: str, proxy: str = "") -> None:
-        """Admit or refuse a new connection (also ``EchoServer.serve_stream``'s way in)."""
+    def admit(
+        self,
+        stream: Client,
+        ip: str | None,
+        peer: str,
+        listener: str,
+        *,
+        proxy: str = "",
+        header: ProxyHeader | None = None,
+    ) -> None:
+        """Admit or refuse a new connection (also ``EchoServer.serve_stream``'s way in); ``header`` is
+        the PROXY header it came with (the web echo shows it)."""
         reason = self.admission.admit(ip, self.held, trio.current_time())
         if reason is not None:
             self._refused(stream, reason, peer, listener)
@@ -156,7 +176,7 @@ class Intake:
         )
         info.proxy = proxy
         info.ip = ip
-        self._serve(stream, info)
+        self._serve(stream, info, header)
 
     def fault_applied(self, conn_id: int | None, kind: str, fields: dict[str, object]) -> None:
         """``policy.on_fault``: count a fault and trace it (``fault.applied``; UDP's name no
@@ -168,12 +188,27 @@ class Intake:
 
     def _transport(self, sock: stdlib_socket.socket, label: str) -> Client:
         """What the connection talks to: the socket itself (the pump's fast path uses it directly),
-        or on a ``tls://`` listener a TLS stream over it (the handshake runs in the connection's task,
-        through the generic stream pump)."""
+        or on a ``tls://`` (``https://``) listener a TLS stream over it (the handshake runs in the
+        connection's task), or on an ``http://`` listener a socket stream for h11."""
         options = self.settings.listen_options.get(label)
-        if options is not None and options.address.transport == "tls" and self._tls_context is not None:
-            return trio.SSLStream(as_stream(sock), self._tls_context, server_side=True)
+        transport = options.address.transport if options is not None else "tcp"
+        if transport == "tls" and self._tls.stream is not None:
+            return trio.SSLStream(as_stream(sock), self._tls.stream, server_side=True)
+        if transport == "https" and self._tls.web is not None:
+            return trio.SSLStream(as_stream(sock), self._tls.web, server_side=True)
+        if transport == "http":
+            return as_stream(sock)
         return sock
+
+    def _is_web(self, label: str) -> bool:
+        options = self.settings.listen_options.get(label)
+        return options is not None and options.address.transport in WEB_TRANSPORTS
+
+    def _http_answered(self, status: int) -> None:
+        self.stats.http_requests[str(status)] += 1
+
+    def _websocket_echoed(self, kind: str) -> None:
+        self.stats.websocket_messages[kind] += 1
 
     def _header_received(
         self,
@@ -189,25 +224,39 @@ class Intake:
         if header is None:
             self._refused(sock, Reason.PROXY_HEADER, proxy, label, message=problem)
         elif header.local:
-            self._health_check(sock, label)
+            self._health_check(sock, label, header)
         elif isinstance(header.source, tuple):
             self.admit(
-                self._transport(sock, label), header.source[0], format_host_port(*header.source), label, proxy
+                self._transport(sock, label),
+                header.source[0],
+                format_host_port(*header.source),
+                label,
+                proxy=proxy,
+                header=header,
             )
         elif isinstance(header.source, str):
-            self.admit(self._transport(sock, label), None, f"unix:{header.source}", label, proxy)
+            self.admit(
+                self._transport(sock, label), None, f"unix:{header.source}", label, proxy=proxy, header=header
+            )
         else:  # v1 UNKNOWN, v2 UNSPEC: the proxy does not know; its own address is all we have
-            self.admit(self._transport(sock, label), proxy_ip, proxy, label, proxy)
+            self.admit(self._transport(sock, label), proxy_ip, proxy, label, proxy=proxy, header=header)
 
     # -- serving --------------------------------------------------------------------------------------
 
-    def _serve(self, stream: Client, info: ConnectionInfo) -> None:
+    def _serve(self, stream: Client, info: ConnectionInfo, header: ProxyHeader | None = None) -> None:
         """Start the connection's task: ``Connection.run`` itself (no wrapper coroutine, so an idle
-        connection keeps one frame less), with the bookkeeping before it here and after it in
-        ``_closed``."""
+        connection keeps one frame less), or on a web listener ``WebConnection.run``, with the
+        bookkeeping before it here and after it in ``_closed``."""
         assert self.handlers is not None
         plan = self.fault_plans.get(info.listener)
-        conn = Connection(stream, info, self._client_policy, plan.draw() if plan is not None else None)
+        faults = plan.draw() if plan is not None else None
+        conn: Connection | WebConnection
+        if self._is_web(info.listener):
+            conn = self._web_connection(
+                stream, info, self._client_policy, label=info.listener, header=header, faults=faults
+            )
+        else:
+            conn = Connection(stream, info, self._client_policy, faults)
         info.handle = conn
         if self.draining:
             conn.close(Reason.DRAIN)
@@ -218,23 +267,40 @@ class Intake:
             )
         self.handlers.start_soon(conn.run, name=CONNECTION_TASK)
 
-    def _health_check(self, sock: stdlib_socket.socket, label: str) -> None:
+    def _health_check(self, sock: stdlib_socket.socket, label: str, header: ProxyHeader) -> None:
         """A load balancer's own connection (PROXY v2 LOCAL): echoed like any other, so a
-        send/expect check works, but neither counted nor listed as a client. Drain closes it too."""
+        send/expect check (or an HTTP check on a web listener) works, but neither counted nor listed
+        as a client. Drain closes it too."""
         assert self.handlers is not None
         self.stats.health_checks[label] += 1
         session = EchoSession(self.settings.config.limits.buffer_size)
         plan = self.fault_plans.get(label)  # a faulty backend fails its load balancer's checks too
-        conn = Connection(
-            self._transport(sock, label),
-            session,
-            self._health_check_policy,
-            plan.draw() if plan is not None else None,
-        )
+        faults = plan.draw() if plan is not None else None
+        policy = self._health_check_policy
+        stream = self._transport(sock, label)
+        conn: Connection | WebConnection
+        if self._is_web(label):
+            conn = self._web_connection(stream, session, policy, label=label, header=header, faults=faults)
+        else:
+            conn = Connection(stream, session, policy, faults)
         self.health_checks[session] = conn
         if self.draining:
             conn.close(Reason.DRAIN)
         self.handlers.start_soon(conn.run, name=CONNECTION_TASK)
+
+    def _web_connection(
+        self,
+        stream: Client,
+        session: EchoSession,
+        policy: ConnectionPolicy,
+        *,
+        label: str,
+        header: ProxyHeader | None,
+        faults: ConnectionFaults | None,
+    ) -> WebConnection:
+        if isinstance(stream, stdlib_socket.socket):
+            stream = as_stream(stream)  # (EchoServer.serve_stream hands in streams already)
+        return WebConnection(stream, session, policy, self._web, listener=label, header=header, faults=faults)
 
     def _closed(self, conn: Closed, reason: Reason) -> None:
         info = conn.info

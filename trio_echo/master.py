@@ -30,6 +30,7 @@ import trio
 
 from ._version import __version__
 from .activation import Inherited
+from .addresses import TLS_TRANSPORTS
 from .admin.agent import agent_children
 from .admin.agentcheck import AgentStatus
 from .admin.listing import merge_ranked
@@ -85,7 +86,7 @@ class Master:
 
     def __init__(self, config: Config, *, workers: int, inherited: Inherited | None = None) -> None:
         Settings.from_config(config)
-        if any(entry.address.transport == "tls" for entry in config.server.listen):
+        if any(entry.address.transport in TLS_TRANSPORTS for entry in config.server.listen):
             server_context(config.tls)  # an unreadable certificate is a config error now, not N crashes
         self._config = config
         self._inherited = inherited or Inherited()
@@ -322,7 +323,7 @@ class Master:
         del max_connections  # each worker takes its share of limits.max_connections within its own fds
         needs_restart = restart_required(self._config, config, adopted_listeners=bool(self._inherited.echo))
         Settings.from_config(config)
-        if any(entry.address.transport == "tls" for entry in config.server.listen):
+        if any(entry.address.transport in TLS_TRANSPORTS for entry in config.server.listen):
             server_context(config.tls)
         if (self._unix or []) != [entry for entry in config.server.listen if entry.address.is_unix]:
             needs_restart.append(

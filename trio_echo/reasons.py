@@ -23,6 +23,10 @@ class Reason(enum.StrEnum):
     FAULT = "fault"  # ended on purpose by its fault profile (reset, close, stall, black hole)
     TLS_HANDSHAKE = "tls_handshake"
     ERROR = "error"  # a bug, logged with its traceback
+    # closes on web listeners (web.py)
+    BAD_REQUEST = "bad_request"  # a malformed request or WebSocket handshake: answered 400 (426), closed
+    TOO_LARGE = "too_large"  # a request head (431), body (413) or WebSocket message (1009) over its limit
+    REQUEST_TIMEOUT = "request_timeout"  # a request not received within limits.request_timeout (408)
     # refusals
     MAX_CONNECTIONS = "max_connections"
     PER_IP = "per_ip"

@@ -66,10 +66,6 @@ class Settings:
             trusted={entry.label: networks(entry.trusted_proxies) for entry in config.server.listen},
         )
 
-    @property
-    def uses_tls(self) -> bool:
-        return any(entry.address.transport == "tls" for entry in self.config.server.listen)
-
 
 def restart_required(old: Config, new: Config, *, adopted_listeners: bool) -> list[str]:
     """The keys whose change from ``old`` to ``new`` only a restart applies. With ``adopted_listeners``

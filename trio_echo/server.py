@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -44,7 +43,7 @@ from .restarts import Restart
 from .runtime import Settings, restart_required
 from .stats import Stats
 from .supervisor import ChildSpec, Supervisor
-from .tls import server_context
+from .tls import Contexts
 from .trace import TraceFile, Tracer
 
 logger = logging.getLogger("trio_echo.server")
@@ -72,6 +71,7 @@ class EchoServer:
         reuse_port: bind listeners with SO_REUSEPORT (a worker process, see :mod:`trio_echo.worker`).
         shared: listen entries whose sockets another process opened (a worker's Unix listeners).
         first_id: the first connection id (workers get disjoint id ranges).
+        worker: this worker's index (the web echo's JSON names it); None: not a worker.
 
     Raises:
         ConfigError: an unreadable certificate or admin token.
@@ -87,12 +87,13 @@ class EchoServer:
         reuse_port: bool = False,
         shared: Mapping[str, Sequence[socket.socket]] | None = None,
         first_id: int = 1,
+        worker: int | None = None,
     ) -> None:
         self.tracer = tracer or Tracer(config.trace.flags)
         self.stats = Stats(started=0.0, next_id=first_id)
         self._inherited = inherited or Inherited()
         self.settings = Settings.from_config(config, max_connections)
-        self.intake = Intake(self.settings, self.stats, self.tracer, self._tls(self.settings))
+        self.intake = Intake(self.settings, self.stats, self.tracer, self._tls(self.settings), worker=worker)
         self.listeners = Listeners(self.intake, self.stats, self.tracer, reuse_port=reuse_port, shared=shared)
         admin_socket = self._inherited.admin
         self.admin = (
@@ -222,6 +223,8 @@ class EchoServer:
             datagrams_out={name: counts.echoed for name, counts in stats.datagrams.items()},
             datagrams_dropped=dict(stats.dropped),
             faults=dict(stats.faults),
+            http_requests=dict(stats.http_requests),
+            websocket_messages=dict(stats.websocket_messages),
         )
 
     def faults_in_force(self) -> dict[str, object]:
@@ -404,5 +407,5 @@ class EchoServer:
             await intake.quiet.wait()  # each close is bounded by linger_timeout
 
     @staticmethod
-    def _tls(settings: Settings) -> ssl.SSLContext | None:
-        return server_context(settings.config.tls) if settings.uses_tls else None
+    def _tls(settings: Settings) -> Contexts:
+        return Contexts.from_config(settings.config)

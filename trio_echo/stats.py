@@ -101,6 +101,10 @@ class Stats:
     """UDP datagrams received but not echoed, by reason."""
     faults: collections.Counter[str] = attrs.field(factory=collections.Counter)
     """Faults applied on purpose, by kind (``fault.applied`` events)."""
+    http_requests: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Web listeners: answers sent, by status (``101`` for each WebSocket opened)."""
+    websocket_messages: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    """Web listeners: WebSocket messages echoed, by kind (``text``, ``binary``)."""
     _next_id: int = 1
 
     def open(

@@ -85,6 +85,7 @@ class Worker:
             if isinstance(shared, dict)
             else {},
             first_id=int(str(start["first_id"])),
+            worker=self.index,
         )
         overrides = start.get("faults")
         for label, spec in (overrides if isinstance(overrides, dict) else {}).items():

@@ -30,6 +30,8 @@ class MetricsSnapshot:
     admin_requests_dropped: Mapping[str, int] = attrs.field(factory=dict)  # per reason
     workers: Mapping[str, int] = attrs.field(factory=dict)  # worker processes per state (a master only)
     faults: Mapping[str, int] = attrs.field(factory=dict)  # faults applied on purpose, per kind
+    http_requests: Mapping[str, int] = attrs.field(factory=dict)  # web listeners: answers per status
+    websocket_messages: Mapping[str, int] = attrs.field(factory=dict)  # web listeners: echoed, per kind
 
 
 def _escape(value: str) -> str:
@@ -106,6 +108,18 @@ FAMILIES: tuple[tuple[str, str, str, Samples], ...] = (
         "counter",
         "Faults applied on purpose ([faults.NAME] profiles, set_faults), by kind.",
         lambda snapshot: _labelled("kind", snapshot.faults),
+    ),
+    (
+        "http_requests_total",
+        "counter",
+        "Web listeners: HTTP answers sent, by status (101: a WebSocket opened).",
+        lambda snapshot: _labelled("status", snapshot.http_requests),
+    ),
+    (
+        "websocket_messages_total",
+        "counter",
+        "Web listeners: WebSocket messages echoed, by kind (text, binary).",
+        lambda snapshot: _labelled("kind", snapshot.websocket_messages),
     ),
     (
         "admin_requests_dropped_total",

@@ -20,8 +20,11 @@ from .protocol import ListConnections
 from .tcpinfo import SIZE, parse_tcp_info
 
 
-def _socket_of(info: ConnectionInfo) -> stdlib_socket.socket | trio.socket.SocketType | None:
-    sock: object = info.handle.stream if info.handle is not None else None
+def _socket_of(stream: object) -> stdlib_socket.socket | trio.socket.SocketType | None:
+    """The TCP socket under ``stream`` (a socket, a socket stream, a TLS stream over one)."""
+    sock = stream
+    if isinstance(sock, trio.SSLStream):
+        sock = sock.transport_stream
     if isinstance(sock, trio.SocketStream):
         sock = sock.socket
     if isinstance(sock, stdlib_socket.socket | trio.socket.SocketType) and sock.family in (
@@ -34,7 +37,12 @@ def _socket_of(info: ConnectionInfo) -> stdlib_socket.socket | trio.socket.Socke
 
 def tcp_info(info: ConnectionInfo) -> dict[str, int]:
     """TCP_INFO figures of the connection's socket (Linux TCP only; ``{}`` elsewhere)."""
-    sock = _socket_of(info)
+    return socket_tcp_info(info.handle.stream if info.handle is not None else None)
+
+
+def socket_tcp_info(stream: object) -> dict[str, int]:
+    """TCP_INFO figures of the socket under ``stream`` (Linux TCP only; ``{}`` elsewhere)."""
+    sock = _socket_of(stream)
     if sys.platform != "linux" or sock is None:
         return {}
     try:
@@ -59,6 +67,9 @@ def connection_item(info: ConnectionInfo, now: float) -> dict[str, object]:
     }
     if info.proxy:
         item["proxy"] = info.proxy
+    protocol = getattr(info.handle, "protocol", None)  # web listeners: "http" or "websocket"
+    if protocol is not None:
+        item["protocol"] = protocol
     faults = info.handle.faults if info.handle is not None else None
     if faults is not None:
         item["faults"] = faults.profile.to_dict()

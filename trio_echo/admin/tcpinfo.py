@@ -10,11 +10,12 @@ import struct
 # rcv_rtt rcv_space total_retrans
 _U32_FIELDS = 24
 SIZE = 8 + 4 * _U32_FIELDS
-_PMTU, _RTT, _RTTVAR, _CWND, _TOTAL_RETRANS = 13, 15, 16, 18, 23
+_SND_MSS, _PMTU, _RTT, _RTTVAR, _CWND, _TOTAL_RETRANS = 2, 13, 15, 16, 18, 23
 
 
 def parse_tcp_info(raw: bytes) -> dict[str, int]:
-    """``rtt_us``, ``rttvar_us``, ``retransmits`` (total), ``pmtu``, ``snd_cwnd`` from the raw struct.
+    """``rtt_us``, ``rttvar_us``, ``retransmits`` (total), ``pmtu``, ``mss`` (the send MSS),
+    ``snd_cwnd`` from the raw struct.
 
     Returns ``{}`` when ``raw`` is too short (an old kernel or not TCP).
     """
@@ -26,5 +27,6 @@ def parse_tcp_info(raw: bytes) -> dict[str, int]:
         "rttvar_us": fields[_RTTVAR],
         "retransmits": fields[_TOTAL_RETRANS],
         "pmtu": fields[_PMTU],
+        "mss": fields[_SND_MSS],
         "snd_cwnd": fields[_CWND],
     }

@@ -1,0 +1,574 @@
+"""One connection on an ``http://`` or ``https://`` listener (I/O): the WebSocket echo and the JSON
+echo of every other request.
+
+The connection was admitted like any other (``intake.py``: caps, per-IP, allow/deny, PROXY header);
+here it reads requests with h11 (heads bounded by ``MAX_HEAD``, bodies by
+``limits.max_message_size``), asks :mod:`trio_echo.webecho` what each one gets and answers it::
+
+    WebConnection.run ── TLS handshake (https://), within limits.tls_handshake_timeout
+      └─ _requests: keep-alive loop ── idle_timeout until a request's first byte,
+           │                            request_timeout for its head and body (408 past it)
+           ├─ Route.ECHO ......... ?delay=, the JSON document, send within send_timeout
+           ├─ Route.PAGE ......... the page that tries the WebSocket echo
+           └─ Route.WEBSOCKET .... _websocket: trio-websocket over the bytes read so far, every
+                                   message sent back as it came (text as text), idle_timeout per wait
+
+Timeouts are cancel scopes around exactly the wait they limit; the connection's own scope
+(``self.scope``, which ``close`` cancels) carries the lifetime. A malformed request gets its 400
+(431, 413, 426, 408) and a close; no input makes a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from http import HTTPStatus
+
+import attrs
+import h11
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+
+from . import webecho
+from ._version import __version__
+from .admin.http import ReplayStream
+from .admin.table import socket_tcp_info
+from .closing import close_gracefully
+from .echo import EchoSession
+from .events import Flag
+from .faults import ConnectionFaults
+from .policy import ConnectionPolicy
+from .proxyproto import ProxyHeader
+from .reasons import Reason
+from .stats import ConnectionInfo
+from .tls import sni_of
+
+logger = logging.getLogger("trio_echo.web")
+
+MAX_HEAD = 16 * 1024  # bytes of request line and headers (h11 answers 431 past it)
+RECEIVE_SIZE = 65536
+WEBSOCKET_HANDSHAKE_TIMEOUT = 10.0  # seconds for trio-websocket to answer the upgrade we checked
+SERVER_HEADER = f"trio-echo/{__version__}"
+# Close codes (RFC 6455 section 7.4.1): ours when the server ends a WebSocket.
+GOING_AWAY = 1001
+TCP_FIGURES = ("rtt_us", "mss", "pmtu")
+_PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+# Why a connection closed after an error answer, by its status (anything else: bad_request).
+ERROR_REASONS = {408: Reason.REQUEST_TIMEOUT, 413: Reason.TOO_LARGE, 431: Reason.TOO_LARGE}
+
+
+@attrs.frozen(eq=False)
+class WebPolicy:
+    """What every web connection of one server shares besides the ``ConnectionPolicy``.
+
+    Args:
+        max_message_size: the largest request body or WebSocket message (413 / close 1009 past it).
+        request_timeout: seconds a request's head and body may take once its first byte is in.
+        server: the ``server`` part of the JSON (host name, pid, worker).
+        on_request: ``on_request(status)`` per answer (the requests-by-status counter).
+        on_message: ``on_message(kind)`` per WebSocket message echoed (``text`` / ``binary``).
+    """
+
+    max_message_size: int = 1024 * 1024
+    request_timeout: float = 30.0
+    server: dict[str, object] = attrs.field(factory=dict)
+    on_request: Callable[[int], None] | None = None
+    on_message: Callable[[str], None] | None = None
+
+    @staticmethod
+    def identity(worker: int | None) -> dict[str, object]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "worker": worker}
+
+
+class CountingStream(trio.abc.Stream):
+    """A stream that adds what passes through it to the session's ``bytes_in`` / ``bytes_out``
+    (the connection table and the totals read them there, as for a TCP connection)."""
+
+    def __init__(self, inner: trio.abc.Stream, session: EchoSession) -> None:
+        self.inner = inner
+        self._session = session
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self._session.bytes_in += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        self._session.bytes_out += len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Ended(Exception):
+    """The request loop is over, for ``reason``."""
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_page_cache: dict[str, bytes] = {}
+
+
+def page() -> bytes:
+    """The page that tries the WebSocket echo (one file, its script inline: no CDN, no build step)."""
+    if "page" not in _page_cache:
+        _page_cache["page"] = (
+            importlib.resources.files(__package__).joinpath("assets", "echo.html").read_bytes()
+        )
+    return _page_cache["page"]
+
+
+class WebConnection:
+    """One client of a web listener; ``run`` always closes its stream.
+
+    Args:
+        stream: the client (a ``trio.SocketStream``, or a ``trio.SSLStream`` over one for https://).
+        session: its table entry (``ConnectionInfo``) or, for a load balancer's health check, a bare
+            session; either way its byte counts are kept.
+        policy: the timeouts, tracer and ``on_close`` every connection shares.
+        web: what web connections share besides.
+        listener: the listener's label (the JSON's ``connection.listener``).
+        header: the PROXY header the connection came with, if any.
+        faults: drawn from the listener's fault profile, if any.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        session: EchoSession,
+        policy: ConnectionPolicy,
+        web: WebPolicy,
+        *,
+        listener: str,
+        header: ProxyHeader | None = None,
+        faults: ConnectionFaults | None = None,
+    ) -> None:
+        self.stream = stream
+        self.session = session
+        self.policy = policy
+        self.web = web
+        self.listener = listener
+        self.header = header
+        self.faults = faults
+        self.scope = trio.CancelScope()
+        self.close_reason: Reason | None = None
+        self.protocol = "http"  # "websocket" once upgraded (the admin connection list shows it)
+        self.requests = 0
+        self._answering = False  # between a request's end and its answer sent: close waits for it
+
+    @property
+    def info(self) -> ConnectionInfo | None:
+        return self.session if isinstance(self.session, ConnectionInfo) else None
+
+    @property
+    def conn_id(self) -> int | None:
+        return self.session.id if isinstance(self.session, ConnectionInfo) else None
+
+    def close(self, reason: Reason) -> None:
+        """Ask the connection to close (drain, admin): at once while it waits, after the answer it
+        is sending (with ``connection: close``)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if not self._answering:
+            self.scope.cancel()
+
+    def set_faults(self, faults: ConnectionFaults | None) -> None:
+        self.faults = faults
+
+    # -- the task -------------------------------------------------------------------------------------
+
+    async def run(self) -> Reason:
+        """Serve requests until the client closes, a limit ends the connection, or it is closed.
+        Only cancellation from outside (a hard stop) propagates."""
+        reason = Reason.ERROR
+        stream = CountingStream(self.stream, self.session)
+        try:
+            lifetime = self.policy.max_lifetime
+            self.scope.deadline = trio.current_time() + lifetime if lifetime else self.scope.deadline
+            with self.scope:
+                if self.close_reason is not None:
+                    reason = self.close_reason
+                elif isinstance(self.stream, trio.SSLStream) and not await self._handshake(self.stream):
+                    reason = Reason.TLS_HANDSHAKE
+                else:
+                    reason = await self._requests(stream)
+            if self.scope.cancelled_caught:
+                reason = self.close_reason or Reason.LIFETIME
+        except trio.BrokenResourceError as exc:
+            tls_failure = isinstance(exc.__cause__, ssl.SSLError) and self.session.bytes_in == 0
+            reason = Reason.TLS_HANDSHAKE if tls_failure else Reason.RESET
+        except trio.ClosedResourceError:
+            reason = self.close_reason or Reason.RESET
+        except Exception:
+            logger.exception("web connection %s failed", self.conn_id)
+            if self.policy.tracer is not None:
+                self.policy.tracer.emit(
+                    Flag.ERROR, "error", conn_id=self.conn_id, message="web connection handler failed"
+                )
+        finally:
+            try:
+                await self._finish(reason)
+            finally:
+                if self.policy.on_close is not None:
+                    self.policy.on_close(self, reason)
+        return reason
+
+    async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> bool:
+        with trio.move_on_after(self.policy.tls_handshake_timeout) as scope:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError:
+                return False
+        return not scope.cancelled_caught
+
+    async def _finish(self, reason: Reason) -> None:
+        if reason in (Reason.TLS_HANDSHAKE, Reason.RESET) or self.protocol == "websocket":
+            # (a WebSocket's closing handshake has already run, and trio-websocket closed the stream)
+            await trio.aclose_forcefully(self.stream)
+            return
+        # A lingering close, so a 400 or a last answer reaches a client still sending.
+        await close_gracefully(self.stream, linger_timeout=self.policy.linger_timeout, shut_write=True)
+
+    # -- HTTP -----------------------------------------------------------------------------------------
+
+    async def _requests(self, stream: CountingStream) -> Reason:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        while True:
+            try:
+                request, body, raw = await self._read_request(stream, connection)
+            except _Ended as ended:
+                return ended.reason
+            except webecho.BadRequest as exc:
+                await self._answer_error(stream, connection, exc.status, str(exc), exc.headers)
+                return ERROR_REASONS.get(exc.status, Reason.BAD_REQUEST)
+            headers = _decoded(request.headers.raw_items())
+            method = request.method.decode("ascii", "replace")
+            target = request.target.decode("ascii", "replace")
+            path, query = webecho.split_target(target)
+            kind = webecho.route(method, path, headers)
+            self.requests += 1
+            if kind is webecho.Route.WEBSOCKET:
+                try:
+                    webecho.check_websocket(method, headers)
+                except webecho.BadRequest as exc:
+                    await self._answer_error(stream, connection, exc.status, str(exc), exc.headers)
+                    return Reason.BAD_REQUEST
+                return await self._websocket(stream, raw, path, headers)
+            if kind is webecho.Route.PAGE:
+                status, answer, content_type, interim = 200, page(), "text/html; charset=utf-8", None
+            else:
+                try:
+                    shaped = webecho.shape(query)
+                except webecho.BadRequest as exc:
+                    await self._answer_error(stream, connection, exc.status, str(exc), exc.headers)
+                    return Reason.BAD_REQUEST
+                if shaped.delay:
+                    await trio.sleep(shaped.delay)
+                status, interim, content_type = shaped.status, shaped.interim, "application/json"
+                document = webecho.echo_document(
+                    method=method,
+                    target=target,
+                    http_version=request.http_version.decode("ascii", "replace"),
+                    headers=headers,
+                    body=body,
+                    connection=self._describe(),
+                )
+                answer = webecho.render(document)
+            if not webecho.may_have_body("GET", status):
+                answer = b""  # 204 and 304 have no body (HEAD keeps the length: _respond sends none)
+            await self._respond(
+                stream, connection, status, answer, content_type, interim=interim, head=method == "HEAD"
+            )
+            self._trace_request(status, method=method, path=path)
+            if connection.our_state is h11.MUST_CLOSE or self.close_reason is not None:
+                return self.close_reason or Reason.EOF
+            connection.start_next_cycle()
+
+    async def _read_request(
+        self, stream: CountingStream, connection: h11.Connection
+    ) -> tuple[h11.Request, bytes, bytes]:
+        """The next request, its body and the raw bytes of it read so far (an upgrade replays them
+        to trio-websocket). Raises ``_Ended`` when the connection is over without one, BadRequest
+        for what gets an error answer."""
+        raw = bytearray(connection.trailing_data[0])  # what a keep-alive client sent ahead
+        request: h11.Request | None = None
+        body = bytearray()
+        started: float | None = trio.current_time() if raw else None
+        while True:
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise webecho.BadRequest(f"malformed request: {exc}", exc.error_status_hint) from None
+            if event is h11.NEED_DATA:
+                data = await self._receive(stream, started)
+                if started is None:
+                    started = trio.current_time()
+                raw += data
+                connection.receive_data(bytes(data))
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+                # h11 bounds only a head still incomplete; one that came whole in a read is bounded here
+                if len(raw) - len(connection.trailing_data[0]) > MAX_HEAD:
+                    raise webecho.BadRequest(f"request head over {MAX_HEAD} bytes", 431)
+                length = _content_length(event)
+                if length is not None and length > self.web.max_message_size:
+                    raise webecho.BadRequest(
+                        f"request body of {length} bytes is over limits.max_message_size "
+                        f"({self.web.max_message_size})",
+                        413,
+                    )
+                if b"websocket" in _tokens(event, b"upgrade"):
+                    return event, b"", bytes(raw)  # h11 stops at an upgrade; the rest is WebSocket's
+                if connection.they_are_waiting_for_100_continue:
+                    await self._send(
+                        stream, connection.send(h11.InformationalResponse(status_code=100, headers=[]))
+                    )
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.web.max_message_size:
+                    raise webecho.BadRequest(
+                        f"request body is over limits.max_message_size ({self.web.max_message_size})", 413
+                    )
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                return request, bytes(body), bytes(raw)
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                raise _Ended(Reason.EOF)  # (PAUSED comes only after an upgrade, handled above)
+
+    async def _receive(self, stream: CountingStream, started: float | None) -> bytes | bytearray:
+        """One read: within ``idle_timeout`` while no byte of a request is in (a keep-alive client
+        may just go quiet), within ``request_timeout`` of its first byte after that (408)."""
+        if started is None:
+            with trio.move_on_after(self.policy.idle_timeout) as idle:
+                self._answering = False
+                data = await stream.receive_some(RECEIVE_SIZE)
+            if idle.cancelled_caught:
+                raise _Ended(Reason.IDLE)
+            return data
+        with trio.move_on_at(started + self.web.request_timeout) as late:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        if late.cancelled_caught:
+            raise webecho.BadRequest(
+                f"request not received within limits.request_timeout ({self.web.request_timeout:g} s)", 408
+            )
+        return data
+
+    def _describe(self) -> dict[str, object]:
+        """The JSON's ``connection``: who this is, how it came, what TCP says of it."""
+        info = self.info
+        described: dict[str, object] = {
+            "id": self.conn_id,
+            "peer": info.peer if info is not None else None,
+            "listener": self.listener,
+            "via": (info.proxy or None) if info is not None else None,
+            "proxy": webecho.proxy_fields(self.header),
+            "tls": _tls_fields(self.stream),
+            "tcp": {key: value for key, value in socket_tcp_info(self.stream).items() if key in TCP_FIGURES}
+            or None,
+            "requests": self.requests,
+            "server": self.web.server,
+        }
+        return described
+
+    async def _respond(
+        self,
+        stream: CountingStream,
+        connection: h11.Connection,
+        status: int,
+        body: bytes,
+        content_type: str,
+        *,
+        interim: int | None = None,
+        head: bool = False,
+        extra: webecho.Headers = (),
+    ) -> None:
+        self._answering = True
+        data = b""
+        if interim is not None:
+            data += (
+                connection.send(
+                    h11.InformationalResponse(
+                        status_code=interim, headers=[], reason=_PHRASES.get(interim, b"")
+                    )
+                )
+                or b""
+            )
+        headers = [
+            ("content-type", content_type),
+            ("content-length", str(len(body))),
+            ("server", SERVER_HEADER),
+            ("cache-control", "no-store"),
+            *extra,
+        ]
+        if self.close_reason is not None:
+            headers.append(("connection", "close"))
+        phrase = _PHRASES.get(status, b"")
+        data += connection.send(h11.Response(status_code=status, headers=headers, reason=phrase)) or b""
+        if body and not head:
+            data += connection.send(h11.Data(data=body)) or b""
+        data += connection.send(h11.EndOfMessage()) or b""
+        await self._send(stream, data)
+        self._answering = False
+        if self.web.on_request is not None:
+            self.web.on_request(status)
+
+    async def _send(self, stream: CountingStream, data: bytes) -> None:
+        with trio.move_on_after(self.policy.send_timeout) as late:
+            await stream.send_all(data)
+        if late.cancelled_caught:
+            raise _Ended(Reason.SEND_TIMEOUT)
+
+    async def _answer_error(
+        self,
+        stream: CountingStream,
+        connection: h11.Connection,
+        status: int,
+        message: str,
+        extra: webecho.Headers = (),
+    ) -> None:
+        """An error answer and the end of the connection (``connection: close``)."""
+        self._trace_request(status, message=message)
+        if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # (we already answered part of this request: nothing sensible is left to say)
+        body = webecho.error_document(status, message)
+        with contextlib.suppress(_Ended):  # (a client that does not read its 400 is gone anyway)
+            await self._respond(
+                stream, connection, status, body, "application/json", extra=[*extra, ("connection", "close")]
+            )
+
+    def _trace_request(self, status: int, **fields: object) -> None:
+        tracer = self.policy.tracer
+        if tracer is not None and tracer.conn:
+            tracer.emit(
+                Flag.CONN,
+                "http.request",
+                conn_id=self.conn_id,
+                listener=self.listener,
+                status=status,
+                **fields,
+            )
+
+    # -- WebSocket ------------------------------------------------------------------------------------
+
+    async def _websocket(
+        self, stream: CountingStream, raw: bytes, path: str, headers: webecho.Headers
+    ) -> Reason:
+        """Echo messages until the client closes (its close code and reason echoed back by
+        trio-websocket), a limit ends it (1009 past max_message_size), or the server closes it."""
+        subprotocol = webecho.first_subprotocol(headers)
+        async with trio.open_nursery() as nursery:
+            ws: WebSocketConnection | None = None
+            with trio.move_on_after(WEBSOCKET_HANDSHAKE_TIMEOUT):
+                request = await wrap_server_stream(
+                    nursery,
+                    ReplayStream(stream, raw),
+                    message_queue_size=1,
+                    max_message_size=self.web.max_message_size,
+                    receive_buffer_size=RECEIVE_SIZE,
+                )
+                ws = await request.accept(
+                    subprotocol=subprotocol, extra_headers=[(b"server", SERVER_HEADER.encode())]
+                )
+            if ws is None:
+                nursery.cancel_scope.cancel()
+                return Reason.IDLE
+            self.protocol = "websocket"
+            if self.web.on_request is not None:
+                self.web.on_request(101)
+            self._trace_ws("ws.open", path=path, subprotocol=subprotocol)
+            reason = await self._messages(ws)
+            if reason is not Reason.EOF:
+                # We end it: a close frame with why, then the client's answer (bounded).
+                with trio.move_on_after(self.policy.linger_timeout or 1.0):
+                    await ws.aclose(code=GOING_AWAY, reason=str(reason))
+            closed = ws.closed
+            self._trace_ws(
+                "ws.close",
+                code=closed.code if closed is not None else None,
+                close_reason=closed.reason if closed is not None else None,
+                reason=reason,
+            )
+            nursery.cancel_scope.cancel()
+        return reason
+
+    async def _messages(self, ws: WebSocketConnection) -> Reason:
+        """The echo itself, in its own cancel scope (``close`` cancels it; the closing handshake
+        after it still runs)."""
+        self.scope = scope = trio.CancelScope(deadline=self.scope.deadline)
+        if self.close_reason is not None:
+            return self.close_reason
+        on_message = self.web.on_message
+        tracer = self.policy.tracer
+        with scope:
+            while True:
+                with trio.move_on_after(self.policy.idle_timeout) as idle:
+                    try:
+                        message = await ws.get_message()
+                    except ConnectionClosed as closed:
+                        code = closed.reason.code if closed.reason is not None else None
+                        return Reason.TOO_LARGE if code == 1009 else Reason.EOF
+                if idle.cancelled_caught:
+                    return Reason.IDLE
+                with trio.move_on_after(self.policy.send_timeout) as late:
+                    try:
+                        await ws.send_message(message)
+                    except ConnectionClosed:
+                        return Reason.EOF
+                if late.cancelled_caught:
+                    return Reason.SEND_TIMEOUT
+                kind = "text" if isinstance(message, str) else "binary"
+                if on_message is not None:
+                    on_message(kind)
+                if tracer is not None and tracer.data:
+                    tracer.emit(Flag.DATA, "ws.message", conn_id=self.conn_id, kind=kind, size=len(message))
+        return self.close_reason or Reason.LIFETIME
+
+    def _trace_ws(self, event: str, **fields: object) -> None:
+        tracer = self.policy.tracer
+        if tracer is not None and tracer.conn:
+            tracer.emit(Flag.CONN, event, conn_id=self.conn_id, listener=self.listener, **fields)
+
+
+def _decoded(items: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Header names as sent (h11 keeps their case in ``raw_items``) and values, as text."""
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in items]
+
+
+def _tokens(request: h11.Request, name: bytes) -> set[bytes]:
+    return {
+        token.strip().lower() for key, value in request.headers if key == name for token in value.split(b",")
+    }
+
+
+def _content_length(request: h11.Request) -> int | None:
+    for key, value in request.headers:
+        if key == b"content-length":
+            return int(value)  # (h11 has checked it is a number)
+    return None
+
+
+def _tls_fields(stream: trio.abc.Stream) -> dict[str, object] | None:
+    """The JSON's ``tls``: version, cipher, SNI, ALPN, the client certificate's subject."""
+    if not isinstance(stream, trio.SSLStream):
+        return None
+    cipher = stream.cipher()
+    return {
+        "version": stream.version(),
+        "cipher": cipher[0] if cipher else None,
+        # (a server-side SSL object does not report SNI: web_context's callback kept it there)
+        "sni": sni_of(stream._ssl_object),
+        "alpn": stream.selected_alpn_protocol(),
+        "client_certificate": webecho.certificate_subject(stream.getpeercert()),
+    }
