@@ -10,6 +10,8 @@ import os
 import shutil
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from websockets.sync.client import ClientConnection, connect
 from tests.conftest import make_config, port_of, running_server
 from trio_echo.admin import metrics
 from trio_echo.admin.table import connection_item
+from trio_echo.config import FaultProfile
 from trio_echo.echo import EchoSession
 from trio_echo.events import Flag
 from trio_echo.policy import ConnectionPolicy
@@ -515,3 +518,99 @@ async def test_curl_haproxy_protocol_shows_in_the_json() -> None:
     assert connection["peer"] == f"127.0.0.1:{connection['proxy']['source']['port']}"
     assert plain == b""  # no PROXY header on a PROXY listener: refused, no answer
     assert server.stats.refused["proxy_header"] == 1
+
+
+# -- faults on purpose act on what the client reads ------------------------------------------------
+
+
+def fault_config(**profile: object) -> Any:
+    return make_config(
+        server={"listen": [{"address": WEB, "faults": "bad"}]},
+        limits={"idle_timeout": 0.5},
+        faults={"bad": profile},
+        trace={"flags": "error,info,conn"},
+    )
+
+
+def read_until_closed(port: int, data: bytes) -> tuple[bytes, str]:
+    """Send ``data``; everything read until the server ends it, and how it ended."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            return answer, "reset"
+        return answer, "eof"
+
+
+GET = b"GET /faulty HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("profile", "expected_length", "ending"),
+    [
+        ({"reset_after_bytes": 100}, 100, "reset"),
+        ({"close_after_bytes": 77}, 77, "eof"),
+        ({"stall_after_bytes": 50}, 50, "eof"),  # held silent until the idle timeout
+        ({"blackhole": True}, 0, "eof"),
+    ],
+)
+async def test_faults_cut_the_answer_exactly(
+    profile: dict[str, object], expected_length: int, ending: str
+) -> None:
+    async with running_server(fault_config(**profile)) as server:
+        subscriber = server.tracer.subscribe(Flag.CONN)
+        answer, how = await trio.to_thread.run_sync(read_until_closed, port_of(server.addresses[0]), GET)
+        with trio.fail_after(10):
+            while server.stats.active:  # noqa: ASYNC110 - the server's side closes after the client's
+                await trio.sleep(0.01)
+        events = await subscriber.get_batch()
+    assert (len(answer), how) == (expected_length, ending)
+    if expected_length:
+        assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert server.stats.closed["fault"] == 1
+    kinds = [event.fields["kind"] for event in events if event.event == "fault.applied"]
+    assert kinds == [next(iter(profile))]
+
+
+async def test_latency_and_slices_delay_the_answer_and_set_faults_reaches_a_websocket() -> None:
+    async with running_server(fault_config(latency=0.3, slice=50, slice_delay=0.01)) as server:
+        started = trio.current_time()
+        code, out, err = await curl(url(server, "/slow"))
+        assert code == 0, err
+        assert trio.current_time() - started >= 0.3 + 0.01 * (len(out) // 50)
+        assert documents(out)[0]["path"] == "/slow"  # shaped, not changed
+        assert server.stats.faults["latency"] == 1
+        assert server.stats.faults["slice"] == 1
+        server.set_faults(None, listener=WEB)  # new connections: none; then one set on an open one
+        opened = trio.Event()
+        faults_set = threading.Event()
+
+        def session(ws: ClientConnection) -> tuple[float, float]:
+            sent = time.monotonic()
+            ws.send("quick")
+            assert ws.recv(timeout=10) == "quick"
+            quick = time.monotonic() - sent
+            trio.from_thread.run_sync(opened.set)
+            assert faults_set.wait(10)
+            sent = time.monotonic()
+            ws.send("late")
+            assert ws.recv(timeout=10) == "late"
+            return quick, time.monotonic() - sent
+
+        async with trio.open_nursery() as nursery:
+            took: list[tuple[float, float]] = []
+
+            async def client() -> None:
+                took.append(await in_websocket(url(server, "/", "ws"), session))
+
+            nursery.start_soon(client)
+            with trio.fail_after(10):
+                await opened.wait()
+            [info] = server.stats.connections.values()
+            server.set_faults(FaultProfile(latency=0.4), conn_id=info.id)
+            faults_set.set()
+    quick, late = took[0]
+    assert quick < 0.4 <= late

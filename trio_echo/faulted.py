@@ -90,10 +90,7 @@ class FaultedPump:
         self._wake()
 
     def _report(self, kind: str, **fields: object) -> None:
-        if kind in SHAPING and not self.faults.first(kind):
-            return
-        if self.policy.on_fault is not None:
-            self.policy.on_fault(self.conn_id, kind, fields)
+        report(self.policy, self.faults, self.conn_id, kind, **fields)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -159,12 +156,7 @@ class FaultedPump:
         """A byte threshold was reached: reset (once the client has every echoed byte) or close."""
         self._report(ending.value, bytes=self.faults.echoed)
         if ending is Ending.RESET:
-            # RST discards what the kernel has not delivered yet: wait until the client acknowledged
-            # all of it, so it reads exactly the echoed bytes before ECONNRESET.
-            with trio.move_on_after(self.policy.send_timeout):
-                # (no readiness event says "acknowledged": poll the kernel's count)
-                while _unacknowledged(self.stream):  # noqa: ASYNC110
-                    await trio.sleep(ACK_POLL)
+            await acknowledged(self.stream, self.policy.send_timeout)
             self.faults.reset = True
 
     async def _send_pending(self) -> None:
@@ -285,6 +277,86 @@ class FaultedPump:
                 self._give_up(Reason.IDLE)
                 return
             await self._changed.wait()  # echo waits on our own pause: not the client's idleness
+
+
+def report(
+    policy: ConnectionPolicy, faults: ConnectionFaults, conn_id: int | None, kind: str, **fields: object
+) -> None:
+    """Tell ``policy.on_fault`` a fault acted (the shaping kinds once per connection)."""
+    if kind in SHAPING and not faults.first(kind):
+        return
+    if policy.on_fault is not None:
+        policy.on_fault(conn_id, kind, fields)
+
+
+async def acknowledged(stream: trio.abc.Stream, patience: float) -> None:
+    """Wait (at most ``patience`` seconds) until the client's kernel acknowledged every byte we sent:
+    RST discards what was not delivered yet, so a reset after this loses nothing already echoed."""
+    with trio.move_on_after(patience):
+        # (no readiness event says "acknowledged": poll the kernel's count)
+        while _unacknowledged(stream):  # noqa: ASYNC110
+            await trio.sleep(ACK_POLL)
+
+
+class FaultEnded(Exception):
+    """A byte threshold of a :class:`FaultedSender` was reached: the connection ends as ``ending``
+    says (reset, close, stall)."""
+
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.value)
+        self.ending = ending
+
+
+class FaultedSender:
+    """What a web connection sends (its answers, its WebSocket frames), through its faults: latency
+    and jitter before each write (order kept), one byte changed (corrupt), slices with pauses,
+    ``bandwidth``, and the byte thresholds, exact: the write that reaches one is cut there, and the
+    caller told which (it raises :class:`FaultEnded` once it has counted the bytes).
+
+    Used by :class:`~trio_echo.web.WebConnection`'s stream below h11 and trio-websocket, so a fault
+    acts on the bytes the client reads (on the plaintext, under TLS).
+    """
+
+    def __init__(self, faults: ConnectionFaults, policy: ConnectionPolicy, conn_id: int | None) -> None:
+        self.faults = faults
+        self.policy = policy
+        self.conn_id = conn_id
+        rate = faults.profile.bandwidth
+        self._bucket = TokenBucket(rate, rate, trio.current_time()) if rate else None
+
+    async def send_all(
+        self, stream: trio.abc.Stream, data: bytes | bytearray | memoryview
+    ) -> tuple[int, Ending | None]:
+        """Send ``data`` (or its part up to a threshold) through the faults: the bytes sent, and the
+        threshold they reached, if any."""
+        faults = self.faults
+        profile = faults.profile
+        view = memoryview(data)[: faults.read_limit(len(data))]
+        faults.took(len(view))
+        due = faults.due(trio.current_time())
+        if due > trio.current_time():
+            report(
+                self.policy, faults, self.conn_id, "latency", seconds=profile.latency, jitter=profile.jitter
+            )
+            await trio.sleep_until(due)
+        echo, index = faults.corrupt(view)
+        if index >= 0:
+            report(self.policy, faults, self.conn_id, "corrupt", index=index, bytes=len(view))
+        pieces = faults.pieces(len(echo))
+        if len(pieces) > 1:
+            report(self.policy, faults, self.conn_id, "slice", size=profile.slice, delay=profile.slice_delay)
+        shaped = memoryview(echo)
+        for number, (start, end) in enumerate(pieces):
+            if number and profile.slice_delay:
+                await trio.sleep(profile.slice_delay)
+            if (
+                self._bucket is not None
+                and (delay := self._bucket.debit(trio.current_time(), end - start)) > 0
+            ):
+                report(self.policy, faults, self.conn_id, "bandwidth", bytes_per_second=profile.bandwidth)
+                await trio.sleep(delay)
+            await stream.send_all(shaped[start:end])
+        return len(view), faults.echoed_now(len(view))
 
 
 def _unacknowledged(stream: trio.abc.Stream) -> bool:

@@ -29,7 +29,7 @@ class Closed(Protocol):
 
 
 OnClose = Callable[[Closed, Reason], None]
-OnFault = Callable[[int, str, dict[str, object]], None]
+OnFault = Callable[[int | None, str, dict[str, object]], None]
 
 
 def _off_is_inf(value: float) -> float:

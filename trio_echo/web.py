@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import logging
+import math
 import os
 import socket
 import ssl
@@ -40,8 +41,10 @@ from .admin.http import ReplayStream
 from .admin.table import socket_tcp_info
 from .closing import close_gracefully
 from .echo import EchoSession
+from .errors import leaves
 from .events import Flag
-from .faults import ConnectionFaults
+from .faulted import FaultedSender, FaultEnded, acknowledged, report, reset
+from .faults import ConnectionFaults, Ending
 from .policy import ConnectionPolicy
 from .proxyproto import ProxyHeader
 from .reasons import Reason
@@ -87,11 +90,13 @@ class WebPolicy:
 
 class CountingStream(trio.abc.Stream):
     """A stream that adds what passes through it to the session's ``bytes_in`` / ``bytes_out``
-    (the connection table and the totals read them there, as for a TCP connection)."""
+    (the connection table and the totals read them there, as for a TCP connection), and sends
+    through the connection's faults when it has some (``sender``)."""
 
     def __init__(self, inner: trio.abc.Stream, session: EchoSession) -> None:
         self.inner = inner
         self._session = session
+        self.sender: FaultedSender | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
@@ -99,8 +104,15 @@ class CountingStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-        self._session.bytes_out += len(data)
+        sender = self.sender
+        if sender is None:
+            await self.inner.send_all(data)
+            self._session.bytes_out += len(data)
+            return
+        sent, ending = await sender.send_all(self.inner, data)
+        self._session.bytes_out += sent
+        if ending is not None:
+            raise FaultEnded(ending)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -166,6 +178,9 @@ class WebConnection:
         self.protocol = "http"  # "websocket" once upgraded (the admin connection list shows it)
         self.requests = 0
         self._answering = False  # between a request's end and its answer sent: close waits for it
+        self._wire = CountingStream(stream, session)  # what h11 and trio-websocket talk through
+        self._ending: Ending | None = None  # how the faults ended it (RESET: close with RST)
+        self.set_faults(faults)
 
     @property
     def info(self) -> ConnectionInfo | None:
@@ -184,7 +199,10 @@ class WebConnection:
             self.scope.cancel()
 
     def set_faults(self, faults: ConnectionFaults | None) -> None:
+        """Send through ``faults`` from the next write on (None: no faults). ``blackhole`` and
+        ``reset_after`` act from the start of a connection only."""
         self.faults = faults
+        self._wire.sender = FaultedSender(faults, self.policy, self.conn_id) if faults is not None else None
 
     # -- the task -------------------------------------------------------------------------------------
 
@@ -192,7 +210,6 @@ class WebConnection:
         """Serve requests until the client closes, a limit ends the connection, or it is closed.
         Only cancellation from outside (a hard stop) propagates."""
         reason = Reason.ERROR
-        stream = CountingStream(self.stream, self.session)
         try:
             lifetime = self.policy.max_lifetime
             self.scope.deadline = trio.current_time() + lifetime if lifetime else self.scope.deadline
@@ -202,7 +219,7 @@ class WebConnection:
                 elif isinstance(self.stream, trio.SSLStream) and not await self._handshake(self.stream):
                     reason = Reason.TLS_HANDSHAKE
                 else:
-                    reason = await self._requests(stream)
+                    reason = await self._serve()
             if self.scope.cancelled_caught:
                 reason = self.close_reason or Reason.LIFETIME
         except trio.BrokenResourceError as exc:
@@ -224,6 +241,42 @@ class WebConnection:
                     self.policy.on_close(self, reason)
         return reason
 
+    async def _serve(self) -> Reason:
+        """The requests, through the faults if the connection has some."""
+        faults = self.faults
+        if faults is None:
+            return await self._requests(self._wire)
+        if faults.profile.blackhole:
+            report(self.policy, faults, self.conn_id, "blackhole")
+            await trio.sleep(self.policy.idle_timeout)
+            return Reason.FAULT
+        with trio.move_on_after(faults.profile.reset_after or math.inf) as timer:
+            try:
+                reason = await self._requests(self._wire)
+            except FaultEnded as ended:
+                return await self._fault_ended(ended.ending)
+        if timer.cancelled_caught:
+            report(self.policy, faults, self.conn_id, "reset_after", seconds=faults.profile.reset_after)
+            self._ending = Ending.RESET
+            return Reason.FAULT
+        faults = self.faults or faults  # (set live meanwhile: the profile now)
+        if reason is Reason.EOF and faults.profile.slow_close:
+            report(self.policy, faults, self.conn_id, "slow_close", seconds=faults.profile.slow_close)
+            await trio.sleep(faults.profile.slow_close)
+        return reason
+
+    async def _fault_ended(self, ending: Ending) -> Reason:
+        """A byte threshold was reached: reset (once the client has every byte), close, or stall."""
+        faults = self._wire.sender.faults if self._wire.sender is not None else None
+        if faults is not None:
+            report(self.policy, faults, self.conn_id, ending.value, bytes=faults.echoed)
+        if ending is Ending.RESET:
+            await acknowledged(self.stream, self.policy.send_timeout)
+            self._ending = ending
+        elif ending is Ending.STALL:
+            await trio.sleep(self.policy.idle_timeout)  # hold it, silent, as a hung server would
+        return Reason.FAULT
+
     async def _handshake(self, stream: trio.SSLStream[trio.abc.Stream]) -> bool:
         with trio.move_on_after(self.policy.tls_handshake_timeout) as scope:
             try:
@@ -233,6 +286,10 @@ class WebConnection:
         return not scope.cancelled_caught
 
     async def _finish(self, reason: Reason) -> None:
+        if self._ending is Ending.RESET:
+            reset(self.stream)  # SO_LINGER 0: the close sends RST (and TLS sends no close_notify first)
+            await trio.aclose_forcefully(self.stream)
+            return
         if reason in (Reason.TLS_HANDSHAKE, Reason.RESET) or self.protocol == "websocket":
             # (a WebSocket's closing handshake has already run, and trio-websocket closed the stream)
             await trio.aclose_forcefully(self.stream)
@@ -468,6 +525,17 @@ class WebConnection:
         """Echo messages until the client closes (its close code and reason echoed back by
         trio-websocket), a limit ends it (1009 past max_message_size), or the server closes it."""
         subprotocol = webecho.first_subprotocol(headers)
+        ending: Ending | None = None
+        try:
+            return await self._websocket_session(stream, raw, path, subprotocol)
+        except* FaultEnded as group:
+            # (a fault's threshold, in our send or in trio-websocket's reader answering a ping)
+            ending = next(e.ending for e in leaves(group) if isinstance(e, FaultEnded))
+        return await self._fault_ended(ending)
+
+    async def _websocket_session(
+        self, stream: CountingStream, raw: bytes, path: str, subprotocol: str | None
+    ) -> Reason:
         async with trio.open_nursery() as nursery:
             ws: WebSocketConnection | None = None
             with trio.move_on_after(WEBSOCKET_HANDSHAKE_TIMEOUT):
