@@ -614,3 +614,33 @@ async def test_latency_and_slices_delay_the_answer_and_set_faults_reaches_a_webs
             faults_set.set()
     quick, late = took[0]
     assert quick < 0.4 <= late
+
+
+async def test_drain_ends_idle_keep_alives_at_once() -> None:
+    """A keep-alive client between requests does not hold the drain for drain_timeout: it is closed
+    at once; a client mid-request gets its answer with ``connection: close`` first."""
+    config = make_config(server={"listen": [WEB]}, limits={"drain_timeout": 30})
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            server: EchoServer = await nursery.start(EchoServer(config).run)
+            port = port_of(server.addresses[0])
+            idle = await trio.open_tcp_stream("127.0.0.1", port)
+            await idle.send_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+            busy = await trio.open_tcp_stream("127.0.0.1", port)
+            await busy.send_all(b"GET /?delay=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await idle.receive_some(65536)
+            assert first.startswith(b"HTTP/1.1 200 OK")
+            while len(server.stats.connections) < 2:  # noqa: ASYNC110 - both admitted
+                await trio.sleep(0.01)
+            started = trio.current_time()
+            server.stop()
+            assert await idle.receive_some(65536) == b""  # closed without waiting 30 s
+            await idle.aclose()
+            answer = b""
+            while chunk := await busy.receive_some(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK")
+            assert b"connection: close" in answer.split(b"\r\n\r\n")[0]
+            await busy.aclose()
+    assert trio.current_time() - started < 10
+    assert server.stats.closed["drain"] == 2

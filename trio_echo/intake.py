@@ -113,6 +113,14 @@ class Intake:
         """Connections holding a descriptor: clients, PROXY headers being read, health checks."""
         return self.stats.active + self._pending_headers + len(self.health_checks)
 
+    def end_keep_alives(self) -> None:
+        """Draining: HTTP clients waiting between requests are closed now, and one mid-request
+        after its answer (``connection: close``), rather than holding the drain for
+        ``drain_timeout``; WebSockets, like TCP clients, get the drain timeout to finish."""
+        for info in list(self.stats.connections.values()):
+            if isinstance(info.handle, WebConnection):
+                info.handle.end_keep_alive()
+
     def close_all(self, reason: Reason) -> None:
         """Ask every open connection, health checks included, to close gracefully."""
         for info in list(self.stats.connections.values()):

@@ -396,6 +396,7 @@ class EchoServer:
     async def _drain(self) -> None:
         intake = self.intake
         intake.draining = True
+        intake.end_keep_alives()
         self.tracer.emit(
             Flag.INFO, "server.draining", active=self.stats.active, timeout=self.config.limits.drain_timeout
         )

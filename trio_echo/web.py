@@ -178,6 +178,8 @@ class WebConnection:
         self.protocol = "http"  # "websocket" once upgraded (the admin connection list shows it)
         self.requests = 0
         self._answering = False  # between a request's end and its answer sent: close waits for it
+        self._between_requests = False  # waiting for a keep-alive client's next request
+        self._last_request = False  # draining: this answer is the connection's last
         self._wire = CountingStream(stream, session)  # what h11 and trio-websocket talk through
         self._ending: Ending | None = None  # how the faults ended it (RESET: close with RST)
         self.set_faults(faults)
@@ -197,6 +199,16 @@ class WebConnection:
             self.close_reason = reason
         if not self._answering:
             self.scope.cancel()
+
+    def end_keep_alive(self) -> None:
+        """The server is draining: close now if waiting for the next request, else after the
+        answer to this one (a WebSocket is not affected)."""
+        if self.protocol != "http":
+            return
+        if self._between_requests:
+            self.close(Reason.DRAIN)
+        else:
+            self._last_request = True
 
     def set_faults(self, faults: ConnectionFaults | None) -> None:
         """Send through ``faults`` from the next write on (None: no faults). ``blackhole`` and
@@ -348,6 +360,8 @@ class WebConnection:
                 stream, connection, status, answer, content_type, interim=interim, head=method == "HEAD"
             )
             self._trace_request(status, method=method, path=path)
+            if self._last_request:
+                return Reason.DRAIN
             if connection.our_state is h11.MUST_CLOSE or self.close_reason is not None:
                 return self.close_reason or Reason.EOF
             connection.start_next_cycle()
@@ -409,8 +423,11 @@ class WebConnection:
         may just go quiet), within ``request_timeout`` of its first byte after that (408)."""
         if started is None:
             with trio.move_on_after(self.policy.idle_timeout) as idle:
-                self._answering = False
-                data = await stream.receive_some(RECEIVE_SIZE)
+                self._between_requests = True
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                finally:
+                    self._between_requests = False
             if idle.cancelled_caught:
                 raise _Ended(Reason.IDLE)
             return data
@@ -451,7 +468,6 @@ class WebConnection:
         head: bool = False,
         extra: webecho.Headers = (),
     ) -> None:
-        self._answering = True
         data = b""
         if interim is not None:
             data += (
@@ -469,15 +485,18 @@ class WebConnection:
             ("cache-control", "no-store"),
             *extra,
         ]
-        if self.close_reason is not None:
+        if self.close_reason is not None or self._last_request:
             headers.append(("connection", "close"))
         phrase = _PHRASES.get(status, b"")
         data += connection.send(h11.Response(status_code=status, headers=headers, reason=phrase)) or b""
         if body and not head:
             data += connection.send(h11.Data(data=body)) or b""
         data += connection.send(h11.EndOfMessage()) or b""
-        await self._send(stream, data)
-        self._answering = False
+        self._answering = True  # a close from now on waits for the answer to be out
+        try:
+            await self._send(stream, data)
+        finally:
+            self._answering = False
         if self.web.on_request is not None:
             self.web.on_request(status)
 
