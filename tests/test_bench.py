@@ -530,3 +530,68 @@ async def test_processes_auto_is_one_per_cpu_it_may_use() -> None:
     assert (pinned["verified"], pinned["processes"]) == (True, 1)  # taskset gave it one CPU
     assert code == 0
     assert (wide["connections"], wide["processes"]) == (4, len(os.sched_getaffinity(0)))
+
+
+@pytest.mark.parametrize(
+    ("args", "connections"),
+    [
+        (("--count", "200", "--connections", "4"), 4),
+        (("--count", "30", "--connections", "3", "--mode", "connect"), 30),
+        (("--count", "100", "--connections", "4", "--processes", "2", "--size", "65000"), 4),
+    ],
+)
+async def test_websocket_bench_verifies_every_message(args: tuple[str, ...], connections: int) -> None:
+    config = make_config(server={"listen": ["http://127.0.0.1:0"]})
+    async with running_server(config) as server:
+        port = server.addresses[0].rsplit(":", 1)[1]
+        code, result = await bench(f"ws://127.0.0.1:{port}/bench?x=1", *args)
+        messages = server.stats.websocket_messages["binary"]
+        total = server.stats.total
+    assert code == 0, result
+    assert result["verified"] is True
+    assert result["mode"] == f"ws-{args[args.index('--mode') + 1] if '--mode' in args else 'pingpong'}"
+    assert result["roundtrips"] == messages == int(args[1])
+    assert total == connections
+
+
+async def test_websocket_bench_over_wss_and_against_a_corrupting_echo(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    pem = server_pem(ca, tmp_path / "server.pem")
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    config = make_config(server={"listen": ["https://127.0.0.1:0"]}, tls={"cert_file": pem, "key_file": pem})
+    async with running_server(config) as server:
+        port = server.addresses[0].rsplit(":", 1)[1]
+        code, result = await bench(f"wss://localhost:{port}/", "--ca", str(ca_pem), "--count", "50")
+    assert (code, result["verified"], result["roundtrips"], result["mode"]) == (0, True, 50, "wss-pingpong")
+    corrupting = make_config(
+        server={"listen": [{"address": "http://127.0.0.1:0", "faults": "flip"}]},
+        faults={"flip": {"corrupt": 1.0, "seed": 3}},
+    )
+    async with running_server(corrupting) as server:
+        port = server.addresses[0].rsplit(":", 1)[1]
+        code, result = await bench(f"ws://127.0.0.1:{port}/", "--count", "20", "--connections", "2")
+    assert code == 1
+    assert result["verified"] is False
+    assert result["errors"] == 2  # each connection stops at its first bad message (or broken frame)
+
+
+@pytest.mark.parametrize(
+    ("address", "args", "message"),
+    [
+        ("ws://:80/", (), "the URL needs a host"),
+        ("wss://h:99999/", (), "port 99999 is out of range"),
+        ("ws://127.0.0.1:1/", ("--mode", "stream"), "use --mode pingpong or connect"),
+    ],
+)
+def test_bad_websocket_targets(address: str, args: tuple[str, ...], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trio_echo", "bench", address, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert message in done.stderr

@@ -42,7 +42,7 @@ class Address:
         return self.path is not None
 
     def __str__(self) -> str:
-        scheme = "" if self.transport == "tcp" else f"{self.transport}://"
+        scheme = "" if self.transport == "tcp" else f"{self.transport}://"  # (ws, wss: bench targets)
         if self.path is not None:
             return f"{scheme}unix:{self.path}"
         if self.host is None:
@@ -124,3 +124,34 @@ def _parse_port(text: str, port_text: str) -> int:
     if port > 65535:
         raise AddressError(f"{text!r}: port {port} is out of range 0-65535")
     return port
+
+
+WEBSOCKET_SCHEMES = {"ws": 80, "wss": 443}
+
+
+def parse_websocket_url(text: str) -> tuple[Address, str]:
+    """A ``ws://HOST[:PORT][/PATH]`` or ``wss://...`` URL (what ``trio-echo bench`` drives a web
+    echo with): the address (transport ``ws`` or ``wss``, the scheme's port by default) and the path
+    with its query (``/`` by default).
+
+    Raises:
+        AddressError: naming what is wrong.
+    """
+    scheme, sep, rest = text.strip().partition("://")
+    if not sep or scheme not in WEBSOCKET_SCHEMES:
+        raise AddressError(f"{text!r}: expected ws://HOST[:PORT][/PATH] or wss://...")
+    authority, slash, path = rest.partition("/")
+    resource = slash + path or "/"
+    if "@" in authority:
+        raise AddressError(f"{text!r}: user names in the URL are not supported")
+    if authority.startswith("[") and authority.endswith("]"):
+        authority += f":{WEBSOCKET_SCHEMES[scheme]}"  # [V6ADDR] without a port
+    elif ":" not in authority:
+        authority += f":{WEBSOCKET_SCHEMES[scheme]}"
+    if authority.startswith(":"):
+        raise AddressError(f"{text!r}: the URL needs a host")
+    try:
+        address = parse_address(authority)
+    except AddressError as exc:
+        raise AddressError(f"{text!r}: {exc}") from None
+    return attrs.evolve(address, transport=scheme), resource

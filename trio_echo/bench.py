@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
+from trio_websocket import ConnectionClosed, HandshakeError, connect_websocket
 
 from .addresses import Address
 from .benchmodel import PERIOD, Pattern, Second, Tally, message_due, ramp_start, second_of
@@ -67,7 +68,7 @@ class Run:
         self.started = 0.0
         self.tls = (
             tls_context(ca=opts.ca, insecure=opts.insecure)
-            if (opts.tls or opts.ca or opts.insecure)
+            if (opts.tls or opts.ca or opts.insecure or address.transport == "wss")
             else None
         )
 
@@ -150,6 +151,9 @@ class Run:
             await trio.sleep_until(self.started + ramp_start(self.seed_base + index, *ramp))
         if self.address.transport == "udp":
             await self._datagrams(index, count)
+            return
+        if self.address.transport in ("ws", "wss"):
+            await self._websocket(index, count)
             return
         if self.opts.mode == "connect":
             await self._connects(index, count)
@@ -248,6 +252,62 @@ class Run:
                 done += 1
                 self.tally.roundtrips += 1
                 self.tally.bytes_echoed += size
+
+    async def _websocket(self, index: int, count: int | None) -> None:
+        """ws:// and wss:// (a web echo): each round trip one binary message, the pattern at its
+        offset, which must come back whole and unchanged. ``--mode connect``: a new WebSocket (its
+        handshake, and TLS for wss://) per message."""
+        size = self.opts.size
+        pattern = Pattern(self.seed_base + index)
+        per_message = self.opts.mode == "connect"
+        done = 0
+        with trio.move_on_at(self.deadline):
+            while count is None or done < count:
+                failure = ""
+                try:
+                    async with trio.open_nursery() as nursery:  # (trio-websocket's reader task)
+                        try:
+                            ws = await connect_websocket(
+                                nursery,
+                                self.address.host or "localhost",
+                                self.address.port,
+                                self.opts.resource,
+                                use_ssl=self.tls or False,
+                                max_message_size=max(size, 1 << 20),
+                            )
+                        except (OSError, HandshakeError, trio.BrokenResourceError):
+                            self.tally.errors["connect"] += 1
+                            return
+                        with self._open():
+                            while count is None or done < count:
+                                intended = await self._turn(index, done)
+                                offset = done * size
+                                await ws.send_message(bytes(pattern.chunk(offset, size)))
+                                reply = await ws.get_message()
+                                if not isinstance(reply, bytes) or len(reply) != size:
+                                    raise _Failed("mismatch")
+                                if not pattern.matches(offset, reply):
+                                    raise _Failed("mismatch")
+                                self._record(intended)
+                                done += 1
+                                self.tally.roundtrips += 1
+                                self.tally.bytes_echoed += size
+                                if per_message:
+                                    break
+                            await ws.aclose()
+                        nursery.cancel_scope.cancel()
+                except* ConnectionClosed:  # (the server closed it: no echo for what we sent)
+                    failure = "eof"
+                except* _Failed:
+                    failure = "mismatch"
+                except* Exception:
+                    # Bytes changed on the way break the protocol itself, and trio-websocket then
+                    # fails in its own ways (a corrupted handshake answer: an h11 error in its
+                    # reader): what came back was not what was sent.
+                    failure = "mismatch"
+                if failure:
+                    self.tally.errors[failure] += 1
+                    return
 
     async def _datagrams(self, index: int, count: int | None) -> None:
         """UDP ping-pong: datagram ``n`` is its number (8 bytes) and the pattern at ``n * size``."""

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import attrs
 import trio
 
-from .addresses import Address, parse_address
+from .addresses import Address, parse_address, parse_websocket_url
 from .bench import Run, new_histogram, percentiles
 from .benchmodel import PERIOD, RateSearch, Second, Tally, kept, report, second_line, summary_line
 from .benchplot import percentile_points, percentile_svg
@@ -230,8 +230,12 @@ def max_rate(address: Address, args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point from the CLI: exit 0 only for a verified run without errors."""
+    args.resource = "/"
     try:
-        address = parse_address(args.address)
+        if args.address.startswith(("ws://", "wss://")):
+            address, args.resource = parse_websocket_url(args.address)
+        else:
+            address = parse_address(args.address)
     except AddressError as exc:
         print(f"trio-echo bench: {exc}", file=sys.stderr)
         return 2
@@ -277,8 +281,8 @@ def main(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    mode = f"udp-{args.mode}" if address.transport == "udp" else args.mode
-    tls = address.transport == "tls" or bool(args.tls or args.ca or args.insecure)
+    mode = f"{address.transport}-{args.mode}" if address.transport in ("udp", "ws", "wss") else args.mode
+    tls = address.transport in ("tls", "wss") or bool(args.tls or args.ca or args.insecure)
     result = report(tally, duration=duration, latency_us=percentiles(histogram), mode=mode, tls=tls)
     result["processes"] = args.processes
     if args.plot and histogram.get_total_count():
@@ -306,6 +310,8 @@ def _usage_problem(address: Address, args: argparse.Namespace) -> str | None:
     ramped = args.ramp is not None and not args.worker  # (a worker gets its share and the whole ramp)
     if ramped and args.connections is not None and args.connections != args.ramp[0]:
         return f"--ramp {args.ramp[0]}:... opens {args.ramp[0]} connections; leave out --connections"
+    if address.transport in ("ws", "wss") and args.mode == "stream":
+        return "a WebSocket echo is driven message by message: use --mode pingpong or connect"
     if address.transport != "udp":
         return None if 1 <= args.size <= PERIOD else f"--size must be 1..{PERIOD}"
     if args.mode != "pingpong":
