@@ -205,3 +205,31 @@ def test_echo_document_and_render() -> None:
     assert rendered.endswith(b"}\n")
     assert json.loads(rendered) == document
     assert json.loads(webecho.error_document(400, "bad")) == {"error": "bad", "status": 400}
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (200, [("content-length", "0")], b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+        (103, [], b"HTTP/1.1 103 Early Hints\r\n\r\n"),
+        (418, [("a", "b"), ("c", "d")], b"HTTP/1.1 418 I'm a Teapot\r\na: b\r\nc: d\r\n\r\n"),
+        (299, [], b"HTTP/1.1 299\r\n\r\n"),  # a status without a registered phrase
+    ],
+)
+def test_response_head(status: int, headers: webecho.Headers, expected: bytes) -> None:
+    assert webecho.response_head(status, headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("version", "headers", "expected"),
+    [
+        ("1.1", [], True),
+        ("1.1", [("Connection", "keep-alive")], True),
+        ("1.1", [("Connection", "Close")], False),
+        ("1.1", [("connection", "upgrade, close")], False),
+        ("1.0", [], False),
+        ("1.0", [("Connection", "keep-alive")], False),  # (one answer per HTTP/1.0 connection)
+    ],
+)
+def test_keeps_alive(version: str, headers: webecho.Headers, expected: bool) -> None:
+    assert webecho.keeps_alive(version, headers) is expected

@@ -29,25 +29,27 @@ import socket
 import ssl
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any
 
 import attrs
 import h11
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+import wsproto
+import wsproto.frame_protocol
+from wsproto import events as wsevents
+from wsproto.connection import ConnectionState
 
 from . import webecho
 from ._version import __version__
-from .admin.http import ReplayStream
 from .admin.table import socket_tcp_info
 from .closing import close_gracefully
 from .echo import EchoSession
-from .errors import leaves
 from .events import Flag
 from .faulted import FaultedSender, FaultEnded, acknowledged, report, reset
 from .faults import ConnectionFaults, Ending
 from .policy import ConnectionPolicy
 from .proxyproto import ProxyHeader
-from .reasons import Reason
+from .reasons import PHASE_REASON, Phase, Reason
 from .stats import ConnectionInfo
 from .tls import sni_of
 
@@ -55,13 +57,14 @@ logger = logging.getLogger("trio_echo.web")
 
 MAX_HEAD = 16 * 1024  # bytes of request line and headers (h11 answers 431 past it)
 RECEIVE_SIZE = 65536
-WEBSOCKET_HANDSHAKE_TIMEOUT = 10.0  # seconds for trio-websocket to answer the upgrade we checked
 SERVER_HEADER = f"trio-echo/{__version__}"
+SERVER_BYTES = SERVER_HEADER.encode()
 # Close codes (RFC 6455 section 7.4.1): ours when the server ends a WebSocket.
 GOING_AWAY = 1001
 TCP_FIGURES = ("rtt_us", "mss", "pmtu")
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 # Why a connection closed after an error answer, by its status (anything else: bad_request).
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 ERROR_REASONS = {408: Reason.REQUEST_TIMEOUT, 413: Reason.TOO_LARGE, 431: Reason.TOO_LARGE}
 
 
@@ -182,6 +185,12 @@ class WebConnection:
         self._last_request = False  # draining: this answer is the connection's last
         self._wire = CountingStream(stream, session)  # what h11 and trio-websocket talk through
         self._ending: Ending | None = None  # how the faults ended it (RESET: close with RST)
+        lifetime = policy.max_lifetime
+        self._lifetime_deadline = trio.current_time() + lifetime if lifetime else math.inf
+        self.scope.deadline = self._lifetime_deadline
+        self._phase = Phase.IDLE  # what the WebSocket echo waits for (its deadline's reason)
+        self._close_code: int | None = None  # the WebSocket's close frame, for ws.close
+        self._close_text: str | None = None
         self.set_faults(faults)
 
     @property
@@ -223,8 +232,6 @@ class WebConnection:
         Only cancellation from outside (a hard stop) propagates."""
         reason = Reason.ERROR
         try:
-            lifetime = self.policy.max_lifetime
-            self.scope.deadline = trio.current_time() + lifetime if lifetime else self.scope.deadline
             with self.scope:
                 if self.close_reason is not None:
                     reason = self.close_reason
@@ -312,18 +319,24 @@ class WebConnection:
     # -- HTTP -----------------------------------------------------------------------------------------
 
     async def _requests(self, stream: CountingStream) -> Reason:
-        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        leftover = b""  # what a keep-alive client sent ahead of our answer: the next request's start
         while True:
+            # A fresh h11 parser per request (cheap), fed what came ahead; answers are written by
+            # webecho.response_head, so h11 only ever reads.
+            connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+            if leftover:  # (receive_data(b"") would tell h11 the client closed)
+                connection.receive_data(leftover)
             try:
-                request, body, raw = await self._read_request(stream, connection)
+                request, body, raw = await self._read_request(stream, connection, leftover)
             except _Ended as ended:
                 return ended.reason
             except webecho.BadRequest as exc:
-                await self._answer_error(stream, connection, exc.status, str(exc), exc.headers)
+                await self._answer_error(stream, exc.status, str(exc), exc.headers)
                 return ERROR_REASONS.get(exc.status, Reason.BAD_REQUEST)
             headers = _decoded(request.headers.raw_items())
             method = request.method.decode("ascii", "replace")
             target = request.target.decode("ascii", "replace")
+            http_version = request.http_version.decode("ascii", "replace")
             path, query = webecho.split_target(target)
             kind = webecho.route(method, path, headers)
             self.requests += 1
@@ -331,7 +344,7 @@ class WebConnection:
                 try:
                     webecho.check_websocket(method, headers)
                 except webecho.BadRequest as exc:
-                    await self._answer_error(stream, connection, exc.status, str(exc), exc.headers)
+                    await self._answer_error(stream, exc.status, str(exc), exc.headers)
                     return Reason.BAD_REQUEST
                 return await self._websocket(stream, raw, path, headers)
             if kind is webecho.Route.PAGE:
@@ -340,7 +353,7 @@ class WebConnection:
                 try:
                     shaped = webecho.shape(query)
                 except webecho.BadRequest as exc:
-                    await self._answer_error(stream, connection, exc.status, str(exc), exc.headers)
+                    await self._answer_error(stream, exc.status, str(exc), exc.headers)
                     return Reason.BAD_REQUEST
                 if shaped.delay:
                     await trio.sleep(shaped.delay)
@@ -348,7 +361,7 @@ class WebConnection:
                 document = webecho.echo_document(
                     method=method,
                     target=target,
-                    http_version=request.http_version.decode("ascii", "replace"),
+                    http_version=http_version,
                     headers=headers,
                     body=body,
                     connection=self._describe(),
@@ -356,32 +369,43 @@ class WebConnection:
                 answer = webecho.render(document)
             if not webecho.may_have_body("GET", status):
                 answer = b""  # 204 and 304 have no body (HEAD keeps the length: _respond sends none)
+            keep = webecho.keeps_alive(http_version, headers) and self.close_reason is None
             await self._respond(
-                stream, connection, status, answer, content_type, interim=interim, head=method == "HEAD"
+                stream,
+                status,
+                answer,
+                content_type,
+                interim=interim,
+                head=method == "HEAD",
+                close=not keep or self._last_request,
             )
             self._trace_request(status, method=method, path=path)
             if self._last_request:
                 return Reason.DRAIN
-            if connection.our_state is h11.MUST_CLOSE or self.close_reason is not None:
+            if not keep:
                 return self.close_reason or Reason.EOF
-            connection.start_next_cycle()
+            leftover = connection.trailing_data[0]
 
     async def _read_request(
-        self, stream: CountingStream, connection: h11.Connection
+        self, stream: CountingStream, connection: h11.Connection, leftover: bytes
     ) -> tuple[h11.Request, bytes, bytes]:
         """The next request, its body and the raw bytes of it read so far (an upgrade replays them
-        to trio-websocket). Raises ``_Ended`` when the connection is over without one, BadRequest
-        for what gets an error answer."""
-        raw = bytearray(connection.trailing_data[0])  # what a keep-alive client sent ahead
+        to wsproto). Raises ``_Ended`` when the connection is over without one, BadRequest for what
+        gets an error answer."""
+        raw = bytearray(leftover)
         request: h11.Request | None = None
         body = bytearray()
         started: float | None = trio.current_time() if raw else None
+        continued = False
         while True:
             try:
                 event = connection.next_event()
             except h11.RemoteProtocolError as exc:
                 raise webecho.BadRequest(f"malformed request: {exc}", exc.error_status_hint) from None
             if event is h11.NEED_DATA:
+                if connection.they_are_waiting_for_100_continue and not continued:
+                    continued = True  # (curl waits a second for it before it sends a large body)
+                    await self._send(stream, CONTINUE)
                 data = await self._receive(stream, started)
                 if started is None:
                     started = trio.current_time()
@@ -402,10 +426,6 @@ class WebConnection:
                     )
                 if b"websocket" in _tokens(event, b"upgrade"):
                     return event, b"", bytes(raw)  # h11 stops at an upgrade; the rest is WebSocket's
-                if connection.they_are_waiting_for_100_continue:
-                    await self._send(
-                        stream, connection.send(h11.InformationalResponse(status_code=100, headers=[]))
-                    )
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self.web.max_message_size:
@@ -459,25 +479,16 @@ class WebConnection:
     async def _respond(
         self,
         stream: CountingStream,
-        connection: h11.Connection,
         status: int,
         body: bytes,
         content_type: str,
         *,
         interim: int | None = None,
         head: bool = False,
+        close: bool = False,
         extra: webecho.Headers = (),
     ) -> None:
-        data = b""
-        if interim is not None:
-            data += (
-                connection.send(
-                    h11.InformationalResponse(
-                        status_code=interim, headers=[], reason=_PHRASES.get(interim, b"")
-                    )
-                )
-                or b""
-            )
+        data = webecho.response_head(interim, ()) if interim is not None else b""
         headers = [
             ("content-type", content_type),
             ("content-length", str(len(body))),
@@ -485,13 +496,11 @@ class WebConnection:
             ("cache-control", "no-store"),
             *extra,
         ]
-        if self.close_reason is not None or self._last_request:
+        if close:
             headers.append(("connection", "close"))
-        phrase = _PHRASES.get(status, b"")
-        data += connection.send(h11.Response(status_code=status, headers=headers, reason=phrase)) or b""
-        if body and not head:
-            data += connection.send(h11.Data(data=body)) or b""
-        data += connection.send(h11.EndOfMessage()) or b""
+        data += webecho.response_head(status, headers)
+        if not head:
+            data += body
         self._answering = True  # a close from now on waits for the answer to be out
         try:
             await self._send(stream, data)
@@ -507,22 +516,13 @@ class WebConnection:
             raise _Ended(Reason.SEND_TIMEOUT)
 
     async def _answer_error(
-        self,
-        stream: CountingStream,
-        connection: h11.Connection,
-        status: int,
-        message: str,
-        extra: webecho.Headers = (),
+        self, stream: CountingStream, status: int, message: str, extra: webecho.Headers = ()
     ) -> None:
-        """An error answer and the end of the connection (``connection: close``)."""
+        """An error answer (as JSON too) and the end of the connection (``connection: close``)."""
         self._trace_request(status, message=message)
-        if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return  # (we already answered part of this request: nothing sensible is left to say)
         body = webecho.error_document(status, message)
         with contextlib.suppress(_Ended):  # (a client that does not read its 400 is gone anyway)
-            await self._respond(
-                stream, connection, status, body, "application/json", extra=[*extra, ("connection", "close")]
-            )
+            await self._respond(stream, status, body, "application/json", close=True, extra=extra)
 
     def _trace_request(self, status: int, **fields: object) -> None:
         tracer = self.policy.tracer
@@ -541,86 +541,143 @@ class WebConnection:
     async def _websocket(
         self, stream: CountingStream, raw: bytes, path: str, headers: webecho.Headers
     ) -> Reason:
-        """Echo messages until the client closes (its close code and reason echoed back by
-        trio-websocket), a limit ends it (1009 past max_message_size), or the server closes it."""
+        """The WebSocket echo, on wsproto in this one task (no reader task, no channel: a message
+        costs one read and one write): every message back whole, as it came (text as text,
+        fragments reassembled), pings answered, the client's close code and reason echoed; past
+        ``max_message_size`` close 1009; the server's own close (drain, admin, timeouts) is 1001
+        with the reason."""
         subprotocol = webecho.first_subprotocol(headers)
-        ending: Ending | None = None
+        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        ws.receive_data(raw)  # the request head h11 read, and any frames sent right behind it
+        request = next(ws.events(), None)
+        if not isinstance(request, wsevents.Request):  # (check_websocket already vetted the head)
+            return Reason.BAD_REQUEST
+        accept = wsevents.AcceptConnection(subprotocol=subprotocol, extra_headers=[(b"server", SERVER_BYTES)])
         try:
-            return await self._websocket_session(stream, raw, path, subprotocol)
-        except* FaultEnded as group:
-            # (a fault's threshold, in our send or in trio-websocket's reader answering a ping)
-            ending = next(e.ending for e in leaves(group) if isinstance(e, FaultEnded))
-        return await self._fault_ended(ending)
-
-    async def _websocket_session(
-        self, stream: CountingStream, raw: bytes, path: str, subprotocol: str | None
-    ) -> Reason:
-        async with trio.open_nursery() as nursery:
-            ws: WebSocketConnection | None = None
-            with trio.move_on_after(WEBSOCKET_HANDSHAKE_TIMEOUT):
-                request = await wrap_server_stream(
-                    nursery,
-                    ReplayStream(stream, raw),
-                    message_queue_size=1,
-                    max_message_size=self.web.max_message_size,
-                    receive_buffer_size=RECEIVE_SIZE,
-                )
-                ws = await request.accept(
-                    subprotocol=subprotocol, extra_headers=[(b"server", SERVER_HEADER.encode())]
-                )
-            if ws is None:
-                nursery.cancel_scope.cancel()
-                return Reason.IDLE
-            self.protocol = "websocket"
-            if self.web.on_request is not None:
-                self.web.on_request(101)
-            self._trace_ws("ws.open", path=path, subprotocol=subprotocol)
-            reason = await self._messages(ws)
-            if reason is not Reason.EOF:
-                # We end it: a close frame with why, then the client's answer (bounded).
-                with trio.move_on_after(self.policy.linger_timeout or 1.0):
-                    await ws.aclose(code=GOING_AWAY, reason=str(reason))
-            closed = ws.closed
-            self._trace_ws(
-                "ws.close",
-                code=closed.code if closed is not None else None,
-                close_reason=closed.reason if closed is not None else None,
-                reason=reason,
-            )
-            nursery.cancel_scope.cancel()
+            await self._send(stream, ws.send(accept))
+        except FaultEnded as ended:
+            return await self._fault_ended(ended.ending)
+        self.protocol = "websocket"
+        if self.web.on_request is not None:
+            self.web.on_request(101)
+        self._trace_ws("ws.open", path=path, subprotocol=subprotocol)
+        self.scope = scope = trio.CancelScope(deadline=self.scope.deadline)  # close() cancels it now
+        self._phase = Phase.IDLE
+        reason: Reason | None = self.close_reason
+        if reason is None:
+            with scope:
+                try:
+                    reason = await self._echo_messages(stream, ws, scope)
+                except FaultEnded as ended:
+                    return await self._fault_ended(ended.ending)
+            if scope.cancelled_caught:
+                reason = self.close_reason or self._expired(scope)
+        assert reason is not None
+        if ws.state is ConnectionState.OPEN:
+            # We end it: a close frame saying why, then (bounded) the client's answer.
+            await self._close_websocket(stream, ws, GOING_AWAY, str(reason))
+        self._trace_ws("ws.close", code=self._close_code, close_reason=self._close_text, reason=reason)
         return reason
 
-    async def _messages(self, ws: WebSocketConnection) -> Reason:
-        """The echo itself, in its own cancel scope (``close`` cancels it; the closing handshake
-        after it still runs)."""
-        self.scope = scope = trio.CancelScope(deadline=self.scope.deadline)
-        if self.close_reason is not None:
-            return self.close_reason
+    def _expired(self, scope: trio.CancelScope) -> Reason:
+        """Why the echo's deadline fired: the lifetime, or the limit of what it was waiting for."""
+        if scope.deadline >= self._lifetime_deadline:
+            return Reason.LIFETIME
+        return PHASE_REASON[self._phase]
+
+    async def _echo_messages(
+        self, stream: CountingStream, ws: wsproto.WSConnection, scope: trio.CancelScope
+    ) -> Reason:
+        limit = self.web.max_message_size
+        idle, patience = self.policy.idle_timeout, self.policy.send_timeout
+        lifetime = self._lifetime_deadline
         on_message = self.web.on_message
         tracer = self.policy.tracer
-        with scope:
-            while True:
-                with trio.move_on_after(self.policy.idle_timeout) as idle:
-                    try:
-                        message = await ws.get_message()
-                    except ConnectionClosed as closed:
-                        code = closed.reason.code if closed.reason is not None else None
-                        return Reason.TOO_LARGE if code == 1009 else Reason.EOF
-                if idle.cancelled_caught:
-                    return Reason.IDLE
-                with trio.move_on_after(self.policy.send_timeout) as late:
-                    try:
-                        await ws.send_message(message)
-                    except ConnectionClosed:
+        parts: list[bytes | bytearray | str] = []
+        size = 0
+        while True:
+            out = b""
+            for event in ws.events():
+                if isinstance(event, wsevents.Message):
+                    parts.append(event.data)
+                    size += len(event.data)
+                    if size > limit:
+                        self._close_code, self._close_text = 1009, f"message over {limit} bytes"
+                        out += ws.send(wsevents.CloseConnection(1009, self._close_text))
+                        await self._send_within(stream, out, scope, patience, lifetime)
+                        await self._await_close(stream, ws)
+                        return Reason.TOO_LARGE
+                    if not event.message_finished:
+                        continue
+                    answer: wsevents.Message[Any]
+                    if isinstance(event, wsevents.TextMessage):
+                        answer, kind = wsevents.TextMessage("".join(parts)), "text"  # type: ignore[arg-type]
+                    else:
+                        answer, kind = wsevents.BytesMessage(b"".join(parts)), "binary"  # type: ignore[arg-type]
+                    parts, size = [], 0
+                    out += ws.send(answer)
+                    message = answer.data
+                    if on_message is not None:
+                        on_message(kind)
+                    if tracer is not None and tracer.data:
+                        tracer.emit(
+                            Flag.DATA, "ws.message", conn_id=self.conn_id, kind=kind, size=len(message)
+                        )
+                elif isinstance(event, wsevents.Ping):
+                    out += ws.send(event.response())
+                elif isinstance(event, wsevents.CloseConnection):
+                    self._close_code, self._close_text = event.code, event.reason
+                    if ws.state is ConnectionState.REMOTE_CLOSING:  # the client's close: echo it
+                        out += ws.send(event.response())
+                        await self._send_within(stream, out, scope, patience, lifetime)
                         return Reason.EOF
-                if late.cancelled_caught:
-                    return Reason.SEND_TIMEOUT
-                kind = "text" if isinstance(message, str) else "binary"
-                if on_message is not None:
-                    on_message(kind)
-                if tracer is not None and tracer.data:
-                    tracer.emit(Flag.DATA, "ws.message", conn_id=self.conn_id, kind=kind, size=len(message))
-        return self.close_reason or Reason.LIFETIME
+                    if event.code == wsproto.frame_protocol.CloseReason.ABNORMAL_CLOSURE:
+                        return Reason.RESET  # the connection went without a close frame
+                    # A frame wsproto cannot parse: close with its code (1002, 1007) and reason.
+                    out += ws.send(wsevents.CloseConnection(event.code, event.reason))
+                    await self._send_within(stream, out, scope, patience, lifetime)
+                    return Reason.BAD_REQUEST
+            if out:
+                await self._send_within(stream, out, scope, patience, lifetime)
+            self._phase = Phase.IDLE
+            scope.deadline = min(trio.current_time() + idle, lifetime)
+            data = await stream.receive_some(RECEIVE_SIZE)
+            ws.receive_data(bytes(data) if data else None)
+
+    async def _send_within(
+        self, stream: CountingStream, data: bytes, scope: trio.CancelScope, patience: float, lifetime: float
+    ) -> None:
+        """Send in the echo's scope, its deadline the send timeout's (two deadlines per message:
+        cheaper than a scope per wait)."""
+        self._phase = Phase.SEND
+        scope.deadline = min(trio.current_time() + patience, lifetime)
+        await stream.send_all(data)
+
+    async def _close_websocket(
+        self, stream: CountingStream, ws: wsproto.WSConnection, code: int, text: str
+    ) -> None:
+        self._close_code, self._close_text = code, text
+        with trio.move_on_after(self.policy.linger_timeout or 1.0):
+            try:
+                await stream.send_all(ws.send(wsevents.CloseConnection(code, text)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, FaultEnded):
+                return  # (a send cut short by the deadline broke the stream: nothing more to say)
+            await self._await_close(stream, ws)
+
+    async def _await_close(self, stream: CountingStream, ws: wsproto.WSConnection) -> None:
+        """After our close frame: read (and drop) until the client's close frame or EOF, within the
+        linger timeout."""
+        with trio.move_on_after(self.policy.linger_timeout or 1.0):
+            try:
+                while ws.state is not ConnectionState.CLOSED:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    ws.receive_data(bytes(data) if data else None)
+                    for _ in ws.events():
+                        pass
+                    if not data:
+                        return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     def _trace_ws(self, event: str, **fields: object) -> None:
         tracer = self.policy.tracer

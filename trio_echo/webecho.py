@@ -15,6 +15,7 @@ import json
 import math
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 
 import attrs
 
@@ -160,6 +161,23 @@ def shape(query: str) -> Shape:
     return Shape(status=status, interim=interim, delay=delay)
 
 
+PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
+
+def response_head(status: int, headers: Headers) -> bytes:
+    """An HTTP/1.1 answer's status line and headers, ready to send. Written here rather than through
+    h11, whose header validation of our own (constant) headers cost more than the whole JSON echo
+    (measured, docs/performance.md); h11 still parses every request."""
+    lines = [f"HTTP/1.1 {status} {PHRASES.get(status, '')}".rstrip(), *(f"{k}: {v}" for k, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def keeps_alive(http_version: str, headers: Headers) -> bool:
+    """Whether the client wants the connection kept for another request: HTTP/1.1 without
+    ``Connection: close`` (HTTP/1.0 clients get one answer, as h11 would have it)."""
+    return http_version == "1.1" and "close" not in _tokens(headers, "connection")
+
+
 def may_have_body(method: str, status: int) -> bool:
     """Whether the answer carries its JSON: not for HEAD, 1xx, 204 and 304 (RFC 9110)."""
     return method != "HEAD" and status >= 200 and status not in (204, 304)
@@ -255,8 +273,10 @@ def echo_document(
 
 
 def render(document: Mapping[str, object]) -> bytes:
-    """The answer's body: indented JSON (people read it in a terminal), one final newline."""
-    return json.dumps(document, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
+    """The answer's body: compact JSON (``| jq`` shows it indented) and a final newline. Not
+    indented here: an ``indent`` makes the json module use its pure-Python encoder, which cost a
+    third of the server's CPU per request (measured, docs/performance.md)."""
+    return json.dumps(document, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def error_document(status: int, message: str) -> bytes:
