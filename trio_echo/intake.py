@@ -204,9 +204,7 @@ class Intake:
             return trio.SSLStream(as_stream(sock), self._tls.stream, server_side=True)
         if transport == "https" and self._tls.web is not None:
             return trio.SSLStream(as_stream(sock), self._tls.web, server_side=True)
-        if transport == "http":
-            return as_stream(sock)
-        return sock
+        return sock  # (tcp, and http: the web connection wraps it, keeping the socket for its fast path)
 
     def _is_web(self, label: str) -> bool:
         options = self.settings.listen_options.get(label)
@@ -306,9 +304,12 @@ class Intake:
         header: ProxyHeader | None,
         faults: ConnectionFaults | None,
     ) -> WebConnection:
-        if isinstance(stream, stdlib_socket.socket):
-            stream = as_stream(stream)  # (EchoServer.serve_stream hands in streams already)
-        return WebConnection(stream, session, policy, self._web, listener=label, header=header, faults=faults)
+        raw = None
+        if isinstance(stream, stdlib_socket.socket):  # plain http:// (serve_stream hands in streams)
+            raw, stream = stream, as_stream(stream)
+        return WebConnection(
+            stream, session, policy, self._web, listener=label, header=header, faults=faults, raw=raw
+        )
 
     def _closed(self, conn: Closed, reason: Reason) -> None:
         info = conn.info

@@ -43,6 +43,7 @@ from . import webecho
 from ._version import __version__
 from .admin.table import socket_tcp_info
 from .closing import close_gracefully
+from .connection import PEER_GONE_ERRNOS
 from .echo import EchoSession
 from .events import Flag
 from .faulted import FaultedSender, FaultEnded, acknowledged, report, reset
@@ -57,6 +58,7 @@ logger = logging.getLogger("trio_echo.web")
 
 MAX_HEAD = 16 * 1024  # bytes of request line and headers (h11 answers 431 past it)
 RECEIVE_SIZE = 65536
+FAIR_SHARE = 32  # WebSocket fast path: reads between forced checkpoints when data never runs out
 SERVER_HEADER = f"trio-echo/{__version__}"
 SERVER_BYTES = SERVER_HEADER.encode()
 # Close codes (RFC 6455 section 7.4.1): ours when the server ends a WebSocket.
@@ -156,6 +158,9 @@ class WebConnection:
         listener: the listener's label (the JSON's ``connection.listener``).
         header: the PROXY header the connection came with, if any.
         faults: drawn from the listener's fault profile, if any.
+        raw: on a plain http:// listener, the socket under ``stream``: a WebSocket echo without
+            faults sends and receives on it directly (trio's stream layer cost a third of the
+            server's CPU per message, docs/performance.md).
     """
 
     def __init__(
@@ -168,6 +173,7 @@ class WebConnection:
         listener: str,
         header: ProxyHeader | None = None,
         faults: ConnectionFaults | None = None,
+        raw: socket.socket | None = None,
     ) -> None:
         self.stream = stream
         self.session = session
@@ -183,7 +189,8 @@ class WebConnection:
         self._answering = False  # between a request's end and its answer sent: close waits for it
         self._between_requests = False  # waiting for a keep-alive client's next request
         self._last_request = False  # draining: this answer is the connection's last
-        self._wire = CountingStream(stream, session)  # what h11 and trio-websocket talk through
+        self._wire = CountingStream(stream, session)  # what h11 and wsproto talk through
+        self._raw = raw  # plain http://: the socket itself, for the WebSocket echo's fast path
         self._ending: Ending | None = None  # how the faults ended it (RESET: close with RST)
         lifetime = policy.max_lifetime
         self._lifetime_deadline = trio.current_time() + lifetime if lifetime else math.inf
@@ -246,6 +253,10 @@ class WebConnection:
             reason = Reason.TLS_HANDSHAKE if tls_failure else Reason.RESET
         except trio.ClosedResourceError:
             reason = self.close_reason or Reason.RESET
+        except OSError as exc:  # the WebSocket fast path's own socket calls
+            if exc.errno not in PEER_GONE_ERRNOS:
+                raise
+            reason = Reason.RESET
         except Exception:
             logger.exception("web connection %s failed", self.conn_id)
             if self.policy.tracer is not None:
@@ -588,70 +599,73 @@ class WebConnection:
     async def _echo_messages(
         self, stream: CountingStream, ws: wsproto.WSConnection, scope: trio.CancelScope
     ) -> Reason:
-        limit = self.web.max_message_size
         idle, patience = self.policy.idle_timeout, self.policy.send_timeout
         lifetime = self._lifetime_deadline
-        on_message = self.web.on_message
-        tracer = self.policy.tracer
-        parts: list[bytes | bytearray | str] = []
-        size = 0
+        assembly = _Assembly()
+        raw = self._raw
+        turns = 0
         while True:
-            out = b""
-            for event in ws.events():
-                if isinstance(event, wsevents.Message):
-                    parts.append(event.data)
-                    size += len(event.data)
-                    if size > limit:
-                        self._close_code, self._close_text = 1009, f"message over {limit} bytes"
-                        out += ws.send(wsevents.CloseConnection(1009, self._close_text))
-                        await self._send_within(stream, out, scope, patience, lifetime)
-                        await self._await_close(stream, ws)
-                        return Reason.TOO_LARGE
-                    if not event.message_finished:
-                        continue
-                    answer: wsevents.Message[Any]
-                    if isinstance(event, wsevents.TextMessage):
-                        answer, kind = wsevents.TextMessage("".join(parts)), "text"  # type: ignore[arg-type]
-                    else:
-                        answer, kind = wsevents.BytesMessage(b"".join(parts)), "binary"  # type: ignore[arg-type]
-                    parts, size = [], 0
-                    out += ws.send(answer)
-                    message = answer.data
-                    if on_message is not None:
-                        on_message(kind)
-                    if tracer is not None and tracer.data:
-                        tracer.emit(
-                            Flag.DATA, "ws.message", conn_id=self.conn_id, kind=kind, size=len(message)
-                        )
-                elif isinstance(event, wsevents.Ping):
-                    out += ws.send(event.response())
-                elif isinstance(event, wsevents.CloseConnection):
-                    self._close_code, self._close_text = event.code, event.reason
-                    if ws.state is ConnectionState.REMOTE_CLOSING:  # the client's close: echo it
-                        out += ws.send(event.response())
-                        await self._send_within(stream, out, scope, patience, lifetime)
-                        return Reason.EOF
-                    if event.code == wsproto.frame_protocol.CloseReason.ABNORMAL_CLOSURE:
-                        return Reason.RESET  # the connection went without a close frame
-                    # A frame wsproto cannot parse: close with its code (1002, 1007) and reason.
-                    out += ws.send(wsevents.CloseConnection(event.code, event.reason))
-                    await self._send_within(stream, out, scope, patience, lifetime)
-                    return Reason.BAD_REQUEST
+            out, ended = self._answer(ws, assembly)
             if out:
-                await self._send_within(stream, out, scope, patience, lifetime)
+                self._phase = Phase.SEND
+                scope.deadline = min(trio.current_time() + patience, lifetime)
+                if raw is not None and self._wire.sender is None:
+                    await _send_raw(raw, out, self.session)
+                else:
+                    await stream.send_all(out)
+            if ended is not None:
+                if ended is Reason.TOO_LARGE:
+                    await self._await_close(stream, ws)
+                return ended
             self._phase = Phase.IDLE
             scope.deadline = min(trio.current_time() + idle, lifetime)
-            data = await stream.receive_some(RECEIVE_SIZE)
+            data: bytes | bytearray
+            if raw is not None and self._wire.sender is None:
+                turns += 1
+                data = await _receive_raw(raw, self.session, fair=turns % FAIR_SHARE == 0)
+            else:
+                data = await stream.receive_some(RECEIVE_SIZE)
             ws.receive_data(bytes(data) if data else None)
 
-    async def _send_within(
-        self, stream: CountingStream, data: bytes, scope: trio.CancelScope, patience: float, lifetime: float
-    ) -> None:
-        """Send in the echo's scope, its deadline the send timeout's (two deadlines per message:
-        cheaper than a scope per wait)."""
-        self._phase = Phase.SEND
-        scope.deadline = min(trio.current_time() + patience, lifetime)
-        await stream.send_all(data)
+    def _answer(self, ws: wsproto.WSConnection, assembly: _Assembly) -> tuple[bytes, Reason | None]:
+        """What wsproto's events ask us to send (echoes, pongs, close frames), and the reason the
+        connection ends after it, if it does."""
+        out = b""
+        for event in ws.events():
+            if isinstance(event, wsevents.Message):
+                assembly.parts.append(event.data)
+                assembly.size += len(event.data)
+                limit = self.web.max_message_size
+                if assembly.size > limit:
+                    self._close_code, self._close_text = 1009, f"message over {limit} bytes"
+                    return out + ws.send(wsevents.CloseConnection(1009, self._close_text)), Reason.TOO_LARGE
+                if not event.message_finished:
+                    continue
+                answer: wsevents.Message[Any]
+                if isinstance(event, wsevents.TextMessage):
+                    answer, kind = wsevents.TextMessage("".join(assembly.parts)), "text"  # type: ignore[arg-type]
+                else:
+                    answer, kind = wsevents.BytesMessage(b"".join(assembly.parts)), "binary"  # type: ignore[arg-type]
+                assembly.parts, assembly.size = [], 0
+                out += ws.send(answer)
+                if self.web.on_message is not None:
+                    self.web.on_message(kind)
+                tracer = self.policy.tracer
+                if tracer is not None and tracer.data:
+                    tracer.emit(
+                        Flag.DATA, "ws.message", conn_id=self.conn_id, kind=kind, size=len(answer.data)
+                    )
+            elif isinstance(event, wsevents.Ping):
+                out += ws.send(event.response())
+            elif isinstance(event, wsevents.CloseConnection):
+                self._close_code, self._close_text = event.code, event.reason
+                if ws.state is ConnectionState.REMOTE_CLOSING:  # the client's close: echo it
+                    return out + ws.send(event.response()), Reason.EOF
+                if event.code == wsproto.frame_protocol.CloseReason.ABNORMAL_CLOSURE:
+                    return out, Reason.RESET  # the connection went without a close frame
+                # A frame wsproto cannot parse: close with its code (1002, 1007) and reason.
+                return out + ws.send(wsevents.CloseConnection(event.code, event.reason)), Reason.BAD_REQUEST
+        return out, None
 
     async def _close_websocket(
         self, stream: CountingStream, ws: wsproto.WSConnection, code: int, text: str
@@ -683,6 +697,54 @@ class WebConnection:
         tracer = self.policy.tracer
         if tracer is not None and tracer.conn:
             tracer.emit(Flag.CONN, event, conn_id=self.conn_id, listener=self.listener, **fields)
+
+
+@attrs.define
+class _Assembly:
+    """A WebSocket message arriving in fragments, until its last one."""
+
+    parts: list[bytes | bytearray | str] = attrs.field(factory=list)
+    size: int = 0
+
+
+async def _send_raw(sock: socket.socket, data: bytes, session: EchoSession) -> None:
+    """Send on the non-blocking socket itself, waiting through trio only when the kernel's buffer
+    is full (a plain http:// WebSocket without faults: the path every message takes)."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        session.bytes_out += sent
+        view = view[sent:]
+
+
+async def _receive_raw(sock: socket.socket, session: EchoSession, *, fair: bool) -> bytes:
+    """Read from the socket itself. When nothing is there yet, yield once and look again before
+    waiting for readability: on a busy server the next message has usually arrived while the other
+    connections ran (the socket pump's early read, connection.py). ``fair``: checkpoint first even
+    if data is waiting, so a flood cannot starve the other connections."""
+    if fair:
+        await trio.lowlevel.checkpoint()
+    for attempt in range(2):
+        try:
+            data = sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            if attempt == 0:
+                await trio.lowlevel.checkpoint()
+            continue
+        session.bytes_in += len(data)
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            data = sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            continue
+        session.bytes_in += len(data)
+        return data
 
 
 def _decoded(items: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
