@@ -94,24 +94,42 @@ class WebPolicy:
 
 
 class CountingStream(trio.abc.Stream):
-    """A stream that adds what passes through it to the session's ``bytes_in`` / ``bytes_out``
-    (the connection table and the totals read them there, as for a TCP connection), and sends
-    through the connection's faults when it has some (``sender``)."""
+    """What a web connection's h11 and wsproto read from and write to: adds what passes to the
+    session's ``bytes_in`` / ``bytes_out`` (the connection table and the totals read them there, as
+    for a TCP connection), and sends through the connection's faults when it has some (``sender``).
 
-    def __init__(self, inner: trio.abc.Stream, session: EchoSession) -> None:
+    With ``raw`` (plain http://) and no faults it reads and writes on the socket itself, waiting
+    through trio only when the kernel says EAGAIN, with the socket pump's early read: trio's socket
+    stream layer cost a fifth of the server's CPU per WebSocket message (docs/performance.md).
+    """
+
+    def __init__(
+        self, inner: trio.abc.Stream, session: EchoSession, raw: socket.socket | None = None
+    ) -> None:
         self.inner = inner
         self._session = session
+        self._raw = raw
+        self._reads = 0
         self.sender: FaultedSender | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.inner.receive_some(max_bytes)
+        if self._raw is not None and self.sender is None:
+            self._reads += 1
+            data: bytes | bytearray = await _receive_raw(
+                self._raw, max_bytes or RECEIVE_SIZE, fair=self._reads % FAIR_SHARE == 0
+            )
+        else:
+            data = await self.inner.receive_some(max_bytes)
         self._session.bytes_in += len(data)
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sender = self.sender
         if sender is None:
-            await self.inner.send_all(data)
+            if self._raw is not None:
+                await _send_raw(self._raw, data)
+            else:
+                await self.inner.send_all(data)
             self._session.bytes_out += len(data)
             return
         sent, ending = await sender.send_all(self.inner, data)
@@ -158,9 +176,8 @@ class WebConnection:
         listener: the listener's label (the JSON's ``connection.listener``).
         header: the PROXY header the connection came with, if any.
         faults: drawn from the listener's fault profile, if any.
-        raw: on a plain http:// listener, the socket under ``stream``: a WebSocket echo without
-            faults sends and receives on it directly (trio's stream layer cost a third of the
-            server's CPU per message, docs/performance.md).
+        raw: on a plain http:// listener, the socket under ``stream``: without faults requests
+            and messages are read and written on it directly (see ``CountingStream``).
     """
 
     def __init__(
@@ -189,8 +206,7 @@ class WebConnection:
         self._answering = False  # between a request's end and its answer sent: close waits for it
         self._between_requests = False  # waiting for a keep-alive client's next request
         self._last_request = False  # draining: this answer is the connection's last
-        self._wire = CountingStream(stream, session)  # what h11 and wsproto talk through
-        self._raw = raw  # plain http://: the socket itself, for the WebSocket echo's fast path
+        self._wire = CountingStream(stream, session, raw)  # what h11 and wsproto talk through
         self._ending: Ending | None = None  # how the faults ended it (RESET: close with RST)
         lifetime = policy.max_lifetime
         self._lifetime_deadline = trio.current_time() + lifetime if lifetime else math.inf
@@ -602,29 +618,19 @@ class WebConnection:
         idle, patience = self.policy.idle_timeout, self.policy.send_timeout
         lifetime = self._lifetime_deadline
         assembly = _Assembly()
-        raw = self._raw
-        turns = 0
         while True:
             out, ended = self._answer(ws, assembly)
             if out:
                 self._phase = Phase.SEND
                 scope.deadline = min(trio.current_time() + patience, lifetime)
-                if raw is not None and self._wire.sender is None:
-                    await _send_raw(raw, out, self.session)
-                else:
-                    await stream.send_all(out)
+                await stream.send_all(out)
             if ended is not None:
                 if ended is Reason.TOO_LARGE:
                     await self._await_close(stream, ws)
                 return ended
             self._phase = Phase.IDLE
             scope.deadline = min(trio.current_time() + idle, lifetime)
-            data: bytes | bytearray
-            if raw is not None and self._wire.sender is None:
-                turns += 1
-                data = await _receive_raw(raw, self.session, fair=turns % FAIR_SHARE == 0)
-            else:
-                data = await stream.receive_some(RECEIVE_SIZE)
+            data = await stream.receive_some(RECEIVE_SIZE)
             ws.receive_data(bytes(data) if data else None)
 
     def _answer(self, ws: wsproto.WSConnection, assembly: _Assembly) -> tuple[bytes, Reason | None]:
@@ -707,9 +713,9 @@ class _Assembly:
     size: int = 0
 
 
-async def _send_raw(sock: socket.socket, data: bytes, session: EchoSession) -> None:
+async def _send_raw(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
     """Send on the non-blocking socket itself, waiting through trio only when the kernel's buffer
-    is full (a plain http:// WebSocket without faults: the path every message takes)."""
+    is full. (A send cancelled midway leaves the answer cut: the connection ends then anyway.)"""
     view = memoryview(data)
     while view:
         try:
@@ -717,11 +723,10 @@ async def _send_raw(sock: socket.socket, data: bytes, session: EchoSession) -> N
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
             continue
-        session.bytes_out += sent
         view = view[sent:]
 
 
-async def _receive_raw(sock: socket.socket, session: EchoSession, *, fair: bool) -> bytes:
+async def _receive_raw(sock: socket.socket, size: int, *, fair: bool) -> bytes:
     """Read from the socket itself. When nothing is there yet, yield once and look again before
     waiting for readability: on a busy server the next message has usually arrived while the other
     connections ran (the socket pump's early read, connection.py). ``fair``: checkpoint first even
@@ -730,21 +735,16 @@ async def _receive_raw(sock: socket.socket, session: EchoSession, *, fair: bool)
         await trio.lowlevel.checkpoint()
     for attempt in range(2):
         try:
-            data = sock.recv(RECEIVE_SIZE)
+            return sock.recv(size)
         except BlockingIOError:
             if attempt == 0:
                 await trio.lowlevel.checkpoint()
-            continue
-        session.bytes_in += len(data)
-        return data
     while True:
         await trio.lowlevel.wait_readable(sock)
         try:
-            data = sock.recv(RECEIVE_SIZE)
+            return sock.recv(size)
         except BlockingIOError:
             continue
-        session.bytes_in += len(data)
-        return data
 
 
 def _decoded(items: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
