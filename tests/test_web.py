@@ -644,3 +644,44 @@ async def test_drain_ends_idle_keep_alives_at_once() -> None:
             await busy.aclose()
     assert trio.current_time() - started < 10
     assert server.stats.closed["drain"] == 2
+
+
+async def test_a_websocket_outlives_the_request_loops_deadlines(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only the echo's own limits apply once upgraded: a message 50 s after the last one is echoed
+    although send_timeout and request_timeout are 5 s; 100 s of silence is idle."""
+    import wsproto
+    from wsproto import events as wsevents
+
+    client_ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    policy = ConnectionPolicy(idle_timeout=100.0, send_timeout=5.0, linger_timeout=1.0)
+    client, served = trio.testing.memory_stream_pair()
+    conn = WebConnection(served, EchoSession(65536), policy, WebPolicy(request_timeout=5.0), listener="m")
+    echoed: list[tuple[float, object]] = []
+
+    async def read_events() -> None:
+        while data := await client.receive_some():
+            client_ws.receive_data(data)
+            for event in client_ws.events():
+                if isinstance(event, wsevents.TextMessage):
+                    echoed.append((trio.current_time(), event.data))
+                elif isinstance(event, wsevents.CloseConnection):
+                    echoed.append((trio.current_time(), event.code))
+
+    async with trio.open_nursery() as nursery:
+        results: list[Reason] = []
+
+        async def run() -> None:
+            results.append(await conn.run())
+
+        nursery.start_soon(run)
+        nursery.start_soon(read_events)
+        await client.send_all(client_ws.send(wsevents.Request(host="m", target="/")))
+        await trio.sleep(1)
+        await client.send_all(client_ws.send(wsevents.TextMessage("first")))
+        await trio.sleep(50)
+        await client.send_all(client_ws.send(wsevents.TextMessage("later")))
+    assert [what for _, what in echoed] == ["first", "later", 1001]
+    assert echoed[2][0] == pytest.approx(51 + 100)  # idle: 100 s after the last message
+    assert results == [Reason.IDLE]

@@ -42,7 +42,15 @@ class Phase(enum.StrEnum):
     IDLE = "idle"  # waiting for input: idle_timeout
     SEND = "send_timeout"  # our echo cannot be written: send_timeout
     THROTTLE = "throttle"  # our own bandwidth pause: only the lifetime applies
+    REQUEST = "request_timeout"  # web echo: the rest of a request that began: limits.request_timeout
+    DELAY = "delay"  # web echo: our own ?delay= pause: only the lifetime applies
 
 
 # The reason a connection closes with when the deadline of its phase fires.
-PHASE_REASON = {Phase.IDLE: Reason.IDLE, Phase.SEND: Reason.SEND_TIMEOUT, Phase.THROTTLE: Reason.LIFETIME}
+PHASE_REASON = {
+    Phase.IDLE: Reason.IDLE,
+    Phase.SEND: Reason.SEND_TIMEOUT,
+    Phase.THROTTLE: Reason.LIFETIME,
+    Phase.REQUEST: Reason.REQUEST_TIMEOUT,
+    Phase.DELAY: Reason.LIFETIME,
+}
