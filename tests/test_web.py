@@ -685,3 +685,26 @@ async def test_a_websocket_outlives_the_request_loops_deadlines(
     assert [what for _, what in echoed] == ["first", "later", 1001]
     assert echoed[2][0] == pytest.approx(51 + 100)  # idle: 100 s after the last message
     assert results == [Reason.IDLE]
+
+
+async def test_wrk_load_gets_only_good_answers() -> None:
+    """wrk (Debian) keeps 8 keep-alive connections busy for a second: every answer is a 2xx and the
+    server counted exactly the requests wrk says it made (bounded: one second, loopback)."""
+    wrk = shutil.which("wrk") or "/usr/bin/wrk"
+    assert os.path.exists(wrk), "wrk is missing: scripts/test installs it (apt-get install wrk)"  # noqa: ASYNC240
+    async with running_server(web_config()) as server:
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                [wrk, "-t1", "-c8", "-d1s", "--latency", url(server, "/load?x=1")],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        answered = server.stats.http_requests["200"]
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert "Non-2xx" not in out
+    assert "Socket errors" not in out
+    made = int(out.split(" requests in ")[0].rsplit(None, 1)[1])
+    assert made > 0
+    assert answered >= made  # (wrk counts the answers it read; an answer in flight at the end is not)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import collections
 import json
 import os
 import re
@@ -808,4 +809,24 @@ def test_faults_are_set_on_every_worker_and_routed_to_one_connection(daemons: Ca
         check=False,
     )
     assert (bad.returncode, bad.stderr) == (1, "trio-echo admin: set_faults: no open connection with id 7\n")
+    assert daemon.stop() == 0
+
+
+def test_a_web_listener_with_two_workers(daemons: Callable[..., Daemon]) -> None:
+    """Each worker serves the web echo on the shared port: the JSON names the worker that answered
+    (both answer, SO_REUSEPORT spreads fresh connections) and the master's /metrics sums them."""
+    daemon = daemons('[server]\nlisten = ["http://127.0.0.1:0"]\n')
+    port = daemon.ready()
+    seen: collections.Counter[int] = collections.Counter()
+    for _ in range(40):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/who", timeout=10) as answer:
+            document = json.loads(answer.read())
+        server = document["connection"]["server"]
+        assert server["host"] == socket.gethostname()
+        seen[server["worker"]] += 1
+    assert set(seen) == {0, 1}, seen
+    pids = {row["pid"] for row in daemon.workers()}
+    assert len(pids) == 2
+    metrics = daemon.metrics()
+    assert 'trio_echo_http_requests_total{status="200"} 40' in metrics
     assert daemon.stop() == 0
