@@ -4,9 +4,9 @@ systemd-socket-activate."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
-import collections
 import json
 import os
 import re
