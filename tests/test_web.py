@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -32,6 +33,7 @@ from trio_echo.events import Flag
 from trio_echo.policy import ConnectionPolicy
 from trio_echo.reasons import Reason
 from trio_echo.server import EchoServer
+from trio_echo.trace import Tracer
 from trio_echo.web import MAX_HEAD, WebConnection, WebPolicy
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
@@ -708,3 +710,119 @@ async def test_wrk_load_gets_only_good_answers() -> None:
     made = int(out.split(" requests in ")[0].rsplit(None, 1)[1])
     assert made > 0
     assert answered >= made  # (wrk counts the answers it read; an answer in flight at the end is not)
+
+
+async def websocket_session(
+    policy: ConnectionPolicy, frames: list[bytes], *, web: WebPolicy | None = None, hang_up: bool = False
+) -> tuple[list[object], Reason]:
+    """A WebConnection over a memory stream, upgraded by wsproto's client, fed ``frames`` (raw bytes,
+    so they may be broken); what the client's wsproto made of the answers, and the close reason."""
+    import wsproto
+    from wsproto import events as wsevents
+
+    client_ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    client, served = trio.testing.memory_stream_pair()
+    tracer = Tracer(Flag.CONN | Flag.DATA)
+    subscriber = tracer.subscribe(Flag.DATA)
+    conn = WebConnection(
+        served, EchoSession(65536), attrs.evolve(policy, tracer=tracer), web or WebPolicy(), listener="m"
+    )
+    seen: list[object] = []
+    results: list[Reason] = []
+
+    async def run() -> None:
+        results.append(await conn.run())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await client.send_all(client_ws.send(wsevents.Request(host="m", target="/")))
+        for frame in frames:
+            await client.send_all(frame)
+        if hang_up:
+            await client.send_stream.aclose()
+        while data := await client.receive_some():
+            client_ws.receive_data(data)
+            for event in client_ws.events():
+                if isinstance(event, wsevents.Message):
+                    seen.append(event.data)
+                elif isinstance(event, wsevents.CloseConnection):
+                    seen.append((event.code, event.reason))
+                elif isinstance(event, wsevents.Pong):
+                    seen.append(("pong", event.payload))
+        await client.aclose()
+    if len(subscriber):
+        seen.append([event.event for event in await subscriber.get_batch()])
+    return seen, results[0]
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    """One client frame, masked with a zero key (so the payload reads as itself)."""
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
+
+
+async def test_websocket_edge_cases(autojump_clock: trio.testing.MockClock) -> None:
+    policy = ConnectionPolicy(idle_timeout=100.0, linger_timeout=1.0)
+    # A ping, a message (traced under the data flag), then an unmasked frame: wsproto closes 1002.
+    seen, reason = await websocket_session(policy, [masked(0x9, b"p"), masked(0x1, b"hi"), b"\x81\x02hi"])
+
+    assert seen[:3] == [("pong", b"p"), "hi", (1002, seen[2][1])]  # type: ignore[index]
+    assert seen[3] == ["ws.message"]
+    assert reason is Reason.BAD_REQUEST
+    # The client goes away without a close frame: reset.
+    seen, reason = await websocket_session(policy, [masked(0x2, b"\x01")], hang_up=True)
+    assert seen[0] == b"\x01"
+    assert reason is Reason.RESET
+    # The connection's lifetime ends it with 1001 "lifetime".
+    seen, reason = await websocket_session(
+        ConnectionPolicy(idle_timeout=100.0, max_lifetime=10.0, linger_timeout=1.0), [masked(0x1, b"x")]
+    )
+    assert seen[:2] == ["x", (1001, "lifetime")]
+    assert reason is Reason.LIFETIME
+
+
+async def test_a_failed_tls_handshake_on_https(autojump_clock: trio.testing.MockClock) -> None:
+    from trio_echo.config import TlsConfig
+    from trio_echo.tls import web_context
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    with cert.private_key_and_cert_chain_pem.tempfile() as pem:
+        context = web_context(TlsConfig(cert_file=pem, key_file=pem))
+    client, served = trio.testing.memory_stream_pair()
+    conn = WebConnection(
+        trio.SSLStream(served, context, server_side=True),
+        EchoSession(1024),
+        ConnectionPolicy(idle_timeout=100.0),
+        WebPolicy(),
+        listener="m",
+    )
+    async with trio.open_nursery() as nursery:
+        results: list[Reason] = []
+
+        async def run() -> None:
+            results.append(await conn.run())
+
+        nursery.start_soon(run)
+        await client.send_all(b"GET / HTTP/1.1\r\nHost: plain\r\n\r\n")  # plain text to a TLS port
+        while await client.receive_some():
+            pass
+    assert results == [Reason.TLS_HANDSHAKE]
+
+
+@pytest.mark.parametrize("profile", [{"reset_after": 0.3}, {"slow_close": 0.3}])
+async def test_per_connection_faults_on_a_web_listener(profile: dict[str, float]) -> None:
+    async with running_server(fault_config(**profile)) as server:
+        started = trio.current_time()
+        answer, how = await trio.to_thread.run_sync(
+            read_until_closed,
+            port_of(server.addresses[0]),
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" if "slow_close" in profile else GET,
+        )
+        took = trio.current_time() - started
+        with trio.fail_after(10):
+            while server.stats.active:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert took >= 0.3
+    assert how == ("reset" if "reset_after" in profile else "eof")
+    assert server.stats.faults[next(iter(profile))] == 1

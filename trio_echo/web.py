@@ -399,7 +399,7 @@ class WebConnection:
                 except webecho.BadRequest as exc:
                     await self._answer_error(stream, exc.status, str(exc), exc.headers)
                     return Reason.BAD_REQUEST
-                return await self._websocket(stream, raw, path, headers)
+                return await self._websocket(stream, raw, body, path, headers)
             if kind is webecho.Route.PAGE:
                 status, answer, content_type, interim = 200, page(), "text/html; charset=utf-8", None
             else:
@@ -479,7 +479,9 @@ class WebConnection:
                         413,
                     )
                 if b"websocket" in _tokens(event, b"upgrade"):
-                    return event, b"", bytes(raw)  # h11 stops at an upgrade; the rest is WebSocket's
+                    # h11 stops at an upgrade: the head, and (as the "body") the frames behind it
+                    ahead = connection.trailing_data[0]
+                    return event, ahead, bytes(raw[: len(raw) - len(ahead)])
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self.web.max_message_size:
@@ -593,7 +595,7 @@ class WebConnection:
     # -- WebSocket ------------------------------------------------------------------------------------
 
     async def _websocket(
-        self, stream: CountingStream, raw: bytes, path: str, headers: webecho.Headers
+        self, stream: CountingStream, head: bytes, ahead: bytes, path: str, headers: webecho.Headers
     ) -> Reason:
         """The WebSocket echo, on wsproto in this one task (no reader task, no channel: a message
         costs one read and one write): every message back whole, as it came (text as text,
@@ -602,7 +604,7 @@ class WebConnection:
         with the reason."""
         subprotocol = webecho.first_subprotocol(headers)
         ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-        ws.receive_data(raw)  # the request head h11 read, and any frames sent right behind it
+        ws.receive_data(head)  # the request head h11 read
         request = next(ws.events(), None)
         if not isinstance(request, wsevents.Request):  # (check_websocket already vetted the head)
             return Reason.BAD_REQUEST
@@ -611,13 +613,22 @@ class WebConnection:
             await self._send(stream, ws.send(accept))
         except FaultEnded as ended:
             return await self._fault_ended(ended.ending)
+        if ahead:
+            # Frames sent right behind the handshake: fed after the accept, because wsproto's
+            # server side drops what came with the head (its accept does not pass h11's trailing
+            # data on, as its client side does).
+            ws.receive_data(ahead)
         self.protocol = "websocket"
         if self._limit is not None:
             self._limit.deadline = math.inf  # (the echo below keeps its own deadlines)
         if self.web.on_request is not None:
             self.web.on_request(101)
         self._trace_ws("ws.open", path=path, subprotocol=subprotocol)
-        self.scope = scope = trio.CancelScope(deadline=self.scope.deadline)  # close() cancels it now
+        # From here close() and the lifetime cancel the echo alone, so the closing handshake that
+        # says why still goes out (the connection's own scope would cut it off).
+        outer, self.scope = self.scope, trio.CancelScope(deadline=self.scope.deadline)
+        scope = self.scope
+        outer.deadline = math.inf
         self._phase = Phase.IDLE
         reason: Reason | None = self.close_reason
         if reason is None:
