@@ -57,9 +57,10 @@ async def bench(*args: str) -> tuple[int, dict[str, object]]:
         ("--count", "200", "--connections", "2", "--rate", "500"),
     ],
 )
-async def test_against_trio_echo(args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("engine", ["auto", "trio"])
+async def test_against_trio_echo(args: tuple[str, ...], engine: str) -> None:
     async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
-        code, result = await bench(server.addresses[0], *args)
+        code, result = await bench(server.addresses[0], *args, "--engine", engine)
     assert code == 0, result
     assert set(result) >= KEYS
     assert result["verified"] is True
@@ -109,11 +110,14 @@ async def serve(handler: Handler, nursery: trio.Nursery) -> str:
     [(flip_a_byte, ("mismatch",)), (truncate, ("eof", "reset")), (close_at_once, ("eof", "reset"))],
 )
 @pytest.mark.parametrize("mode", ["pingpong", "stream"])
-async def test_broken_servers_are_caught(handler: Handler, kinds: tuple[str, ...], mode: str) -> None:
+@pytest.mark.parametrize("engine", ["auto", "trio"])
+async def test_broken_servers_are_caught(
+    handler: Handler, kinds: tuple[str, ...], mode: str, engine: str
+) -> None:
     limit = ("--count", "50") if mode == "pingpong" else ("--duration", "1")
     async with trio.open_nursery() as nursery:
         address = await serve(handler, nursery)
-        code, result = await bench(address, *limit, "--connections", "2", "--mode", mode)
+        code, result = await bench(address, *limit, "--connections", "2", "--mode", mode, "--engine", engine)
         nursery.cancel_scope.cancel()
     assert code != 0
     assert result["verified"] is False
@@ -591,3 +595,31 @@ async def test_websocket_bench_over_wss_and_against_a_corrupting_echo(tmp_path: 
 )
 def test_bad_websocket_targets(address: str, args: tuple[str, ...], message: str) -> None:
     assert message in usage_error(address, *args)
+
+
+@pytest.mark.parametrize(
+    ("address", "flags", "fast"),
+    [
+        ("127.0.0.1:7", {}, True),
+        ("unix:/run/echo.sock", {"mode": "stream"}, True),
+        ("127.0.0.1:7", {"engine": "trio"}, False),
+        ("tls://127.0.0.1:7", {}, False),
+        ("127.0.0.1:7", {"insecure": True}, False),
+        ("udp://127.0.0.1:7", {}, False),
+        ("127.0.0.1:7", {"mode": "connect"}, False),
+        ("127.0.0.1:7", {"rate": (10.0, 10.0)}, False),
+        ("127.0.0.1:7", {"ramp": (5, 1.0)}, False),
+        ("127.0.0.1:7", {"reconnect": True}, False),
+        ("127.0.0.1:7", {"json_stream": True}, False),
+        ("127.0.0.1:7", {"hdr_log": "x.hlog"}, False),
+    ],
+)
+def test_which_runs_take_the_fast_engine(address: str, flags: dict[str, object], fast: bool) -> None:
+    import argparse
+
+    from trio_echo.addresses import parse_address
+    from trio_echo.benchloop import eligible
+
+    defaults = {"engine": "auto", "mode": "pingpong", "tls": False, "ca": None, "insecure": False}
+    defaults |= {"rate": None, "ramp": None, "reconnect": False, "json_stream": False, "hdr_log": None}
+    assert eligible(parse_address(address), argparse.Namespace(**(defaults | flags))) is fast

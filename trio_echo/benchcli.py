@@ -23,6 +23,7 @@ import trio
 
 from .addresses import Address, parse_address, parse_websocket_url
 from .bench import Run, new_histogram, percentiles
+from .benchloop import FastRun, eligible
 from .benchmodel import PERIOD, RateSearch, Second, Tally, kept, report, second_line, summary_line
 from .benchplot import percentile_points, percentile_svg
 from .client import MAX_DATAGRAM, add_tls_arguments
@@ -161,6 +162,10 @@ def measure(address: Address, args: argparse.Namespace, output: IntervalOutput) 
     """One run, in this process or spread over ``--processes``."""
     if args.processes > 1:
         return trio.run(run_in_processes, args, output)
+    if eligible(address, args):  # the synchronous epoll engine (benchloop.py)
+        fast = FastRun(address, args, args.connections, args.worker_seed)
+        duration = fast.run()
+        return fast.tally, fast.histogram, duration
     run = Run(address, args, args.connections, args.worker_seed)
     if args.worker and args.json_stream:
         run.on_second = _worker_second
@@ -356,6 +361,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_rate,
         metavar="R|START:END",
         help="open loop: R messages/s in total, or a rate rising linearly from START to END over --duration",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "trio"),
+        default="auto",
+        help="auto: closed-loop pingpong and stream over plain TCP run on the synchronous epoll "
+        "engine (several times faster), the rest on Trio; trio: always Trio (to compare them)",
     )
     parser.add_argument(
         "--reconnect",
