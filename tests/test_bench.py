@@ -7,6 +7,8 @@ import functools
 import itertools
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -193,7 +195,8 @@ def test_pattern_and_report_model() -> None:
     assert not Tally().verified
 
 
-async def test_progress_line_only_on_a_terminal() -> None:
+@pytest.mark.parametrize("engine", ["auto", "trio"])
+async def test_progress_line_only_on_a_terminal(engine: str) -> None:
     async with running_server(make_config(server={"listen": ["127.0.0.1:0"]})) as server:
         primary, secondary = os.openpty()
         try:
@@ -206,6 +209,8 @@ async def test_progress_line_only_on_a_terminal() -> None:
                     server.addresses[0],
                     "--duration",
                     "2.5",
+                    "--engine",
+                    engine,
                     "--connections",
                     "2",
                 ],
@@ -623,3 +628,72 @@ def test_which_runs_take_the_fast_engine(address: str, flags: dict[str, object],
     defaults = {"engine": "auto", "mode": "pingpong", "tls": False, "ca": None, "insecure": False}
     defaults |= {"rate": None, "ramp": None, "reconnect": False, "json_stream": False, "hdr_log": None}
     assert eligible(parse_address(address), argparse.Namespace(**(defaults | flags))) is fast
+
+
+async def stall(stream: trio.SocketStream) -> None:
+    """Reads, never echoes, never closes."""
+    while await stream.receive_some(65536):
+        pass
+    await trio.sleep_forever()
+
+
+async def echo_then_hold(stream: trio.SocketStream) -> None:
+    """Echoes, but keeps the connection open after the client's half-close."""
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data)
+    await trio.sleep_forever()
+
+
+async def reset_after_first(stream: trio.SocketStream) -> None:
+    await stream.receive_some(65536)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("handler", "mode", "kind"),
+    [
+        (stall, "stream", "timeout"),
+        (echo_then_hold, "pingpong", "timeout"),
+        (reset_after_first, "pingpong", "reset"),
+    ],
+)
+async def test_the_fast_engine_reports_stalls_and_resets(
+    handler: Handler, mode: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process (so the drain timeout can be short): what the fast engine makes of a server that
+    never echoes what was streamed, one that never closes, one that resets."""
+    import argparse
+
+    from trio_echo import benchloop
+    from trio_echo.addresses import parse_address
+
+    monkeypatch.setattr(benchloop, "DRAIN_TIMEOUT", 0.5)
+    opts = argparse.Namespace(
+        mode=mode,
+        size=1024,
+        window=8192,
+        count=20 if mode == "pingpong" else None,
+        duration=0.5,
+        progress=False,
+    )
+    async with trio.open_nursery() as nursery:
+        address = await serve(handler, nursery)
+        run = benchloop.FastRun(parse_address(address), opts, 2, 0)
+        with trio.fail_after(20):
+            await trio.to_thread.run_sync(run.run)
+        nursery.cancel_scope.cancel()
+    assert run.tally.errors == {kind: 2}
+    assert run.tally.open == 0
+
+
+async def test_the_fast_engine_over_a_unix_socket_with_more_connections_than_round_trips(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "echo.sock"
+    async with running_server(make_config(server={"listen": [f"unix:{path}"]})) as server:
+        code, result = await bench(f"unix:{path}", "--count", "3", "--connections", "5")
+        total = server.stats.total
+    assert code == 0, result
+    assert result["roundtrips"] == 3
+    assert total == 5  # every connection opened; two made no round trip and closed cleanly
