@@ -81,3 +81,27 @@ def test_str_round_trips(text: str) -> None:
 )
 def test_format_sockaddr(sockaddr: object, expected: str) -> None:
     assert format_sockaddr(sockaddr) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ws://127.0.0.1:8080/x?y=1", (Address(transport="ws", host="127.0.0.1", port=8080), "/x?y=1")),
+        ("wss://localhost", (Address(transport="wss", host="localhost", port=443), "/")),
+        ("ws://[::1]/", (Address(transport="ws", host="::1", port=80), "/")),
+        ("ws://[::1]:9/a", (Address(transport="ws", host="::1", port=9), "/a")),
+        ("http://x/", "expected ws://"),
+        ("ws//x", "expected ws://"),
+        ("ws://user@h:1/", "user names"),
+        ("ws://:80/", "needs a host"),
+        ("ws://h:99999/", "out of range"),
+    ],
+)
+def test_parse_websocket_url(text: str, expected: tuple[Address, str] | str) -> None:
+    from trio_echo.addresses import parse_websocket_url
+
+    if isinstance(expected, tuple):
+        assert parse_websocket_url(text) == expected
+        return
+    with pytest.raises(AddressError, match=expected):
+        parse_websocket_url(text)

@@ -826,3 +826,33 @@ async def test_per_connection_faults_on_a_web_listener(profile: dict[str, float]
     assert took >= 0.3
     assert how == ("reset" if "reset_after" in profile else "eof")
     assert server.stats.faults[next(iter(profile))] == 1
+
+
+async def test_the_counting_stream_passes_everything_on() -> None:
+    from trio_echo.web import CountingStream
+
+    client, served = trio.testing.memory_stream_pair()
+    session = EchoSession(1024)
+    counting = CountingStream(served, session)
+    await counting.send_all(b"abc")
+    await counting.wait_send_all_might_not_block()
+    assert await client.receive_some() == b"abc"
+    await client.send_all(b"de")
+    assert await counting.receive_some() == b"de"
+    assert (session.bytes_in, session.bytes_out) == (2, 3)
+    await counting.aclose()
+    assert await client.receive_some() == b""
+
+
+def test_an_unreadable_client_ca_is_a_config_error(tmp_path: Path) -> None:
+    from trio_echo.config import TlsConfig
+    from trio_echo.errors import ConfigError
+    from trio_echo.tls import web_context
+
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="tls.client_ca_file"):
+        web_context(TlsConfig(cert_file=str(pem), key_file=str(pem), client_ca_file=str(bad)))
