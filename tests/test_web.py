@@ -854,5 +854,5 @@ def test_an_unreadable_client_ca_is_a_config_error(tmp_path: Path) -> None:
     ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate\n")
-    with pytest.raises(ConfigError, match="tls.client_ca_file"):
+    with pytest.raises(ConfigError, match=r"tls\.client_ca_file"):
         web_context(TlsConfig(cert_file=str(pem), key_file=str(pem), client_ca_file=str(bad)))
