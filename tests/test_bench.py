@@ -697,3 +697,23 @@ async def test_the_fast_engine_over_a_unix_socket_with_more_connections_than_rou
     assert code == 0, result
     assert result["roundtrips"] == 3
     assert total == 5  # every connection opened; two made no round trip and closed cleanly
+
+
+def test_model_edges() -> None:
+    from trio_echo.benchmodel import ramp_start, summary_line
+
+    assert ramp_start(0, 1, 5.0) == 0.0  # one connection: at once
+    assert ramp_start(3, 4, 0.0) == 0.0
+    with pytest.raises(ValueError, match="ceiling"):
+        RateSearch(0.0)
+    tally = Tally(connections=2, roundtrips=10)
+    result = report(
+        tally,
+        duration=1.0,
+        latency_us={"p50": 1.0, "p90": 1.0, "p99": 1.0, "p999": 1.0, "max": 1.0},
+        mode="connect",
+        tls=True,
+    )
+    line = summary_line(result)
+    assert "connections/s (TLS handshakes)" in line
+    assert "verified" in line
