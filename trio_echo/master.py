@@ -306,6 +306,9 @@ class Master:
     # -- control --------------------------------------------------------------------------------------
 
     def stop(self) -> None:
+        # Not ready from this instant (not when the master task next runs): a probe that lands
+        # right after the signal was logged must already see 503.
+        self.draining = True
         self._stop.set()
 
     def abort(self) -> None:

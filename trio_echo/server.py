@@ -286,6 +286,7 @@ class EchoServer:
 
     def stop(self) -> None:
         """Begin the graceful drain (idempotent; safe to call before ``run`` has started)."""
+        self._not_ready = True  # /readyz says 503 from this instant, not when the run task wakes
         self._stop.set()
 
     def abort(self) -> None:
