@@ -22,6 +22,7 @@ import trio
 
 from .addresses import WEB_TRANSPORTS, format_host_port, format_sockaddr
 from .admission import Admission, in_any, source_of
+from .buffers import page_aligned
 from .closing import refuse
 from .connection import Connection
 from .echo import EchoSession
@@ -71,7 +72,7 @@ class Intake:
         # PROXY v2 LOCAL connections: served, but not counted as clients.
         self.health_checks: dict[EchoSession, Connection | WebConnection] = {}
         # One read buffer for every socket pump of this server (see ConnectionPolicy's ``scratch``).
-        self._scratch = memoryview(bytearray(settings.config.limits.buffer_size))
+        self._scratch = page_aligned(settings.config.limits.buffer_size)
         self._identity = WebPolicy.identity(worker)
         self.configure(settings, tls)
 
@@ -81,7 +82,7 @@ class Intake:
         self.admission.configure(limits, settings.max_connections)
         if len(self._scratch) < limits.buffer_size:
             # Grow only: open connections may still read up to their own (older) buffer size.
-            self._scratch = memoryview(bytearray(limits.buffer_size))
+            self._scratch = page_aligned(limits.buffer_size)
         client = ConnectionPolicy.from_limits(
             limits,
             tracer=self.tracer,

@@ -17,6 +17,7 @@ import socket
 import trio
 
 from . import timeouts
+from .buffers import page_aligned
 from .echo import EchoSession, Step
 from .events import Flag
 from .faults import ConnectionFaults
@@ -194,7 +195,7 @@ class SocketPump:
                 return Wait.YIELD
             buffer = self.policy.scratch or self._buffer
             if buffer is None:  # back from the first readiness wait: bytes are there now
-                buffer = self._buffer = memoryview(bytearray(cap))
+                buffer = self._buffer = page_aligned(cap)
             self._ops += 1
             try:
                 count = sock.recv_into(buffer, cap)
