@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import websockets.sync.client
 
 from tests.conftest import make_config, port_of
 from trio_echo.events import Flag
@@ -37,7 +38,7 @@ def chart_points(page: Any) -> int:
     return int(page.locator("#chart").get_attribute("data-points") or 0)
 
 
-def drive_browser(admin_url: str, token: str, echo_port: int, shots: Path) -> dict[str, object]:
+def drive_browser(admin_url: str, token: str, echo_port: int, web_port: int, shots: Path) -> dict[str, object]:
     """Runs in a worker thread (Playwright's sync API has its own loop) while trio serves."""
     from playwright.sync_api import sync_playwright
 
@@ -76,6 +77,14 @@ def drive_browser(admin_url: str, token: str, echo_port: int, shots: Path) -> di
             seen["filtered_rows"] = page.locator("#connections tbody tr[data-id]").count()
             page.locator("#conn-filter").fill("")
             rows.nth(2).wait_for(timeout=15_000)
+            # a WebSocket on the web listener: its row names the protocol
+            with websockets.sync.client.connect(f"ws://127.0.0.1:{web_port}/ws", open_timeout=10) as ws:
+                ws.send("hi")
+                assert ws.recv(timeout=10) == "hi"
+                row = page.locator("#connections tbody tr[data-id]", has_text="· websocket")
+                row.wait_for(timeout=15_000)
+                seen["websocket_listener_cell"] = row.locator("td").nth(2).inner_text()
+            rows.nth(3).wait_for(state="detached", timeout=15_000)
             points_before = chart_points(page)
             rows.first.locator("button.close").click()
             active.filter(has_text=re.compile("^2$")).wait_for(timeout=15_000)
@@ -110,7 +119,7 @@ async def test_dashboard_live_in_chromium(tmp_path: Path, monkeypatch: pytest.Mo
     assert present, "chromium is missing: scripts/test installs it (apt-get install chromium)"
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
     config = make_config(
-        server={"listen": ["127.0.0.1:0"]},
+        server={"listen": ["127.0.0.1:0", "http://127.0.0.1:0"]},
         admin={"listen": "127.0.0.1:0", "stats_interval": 0.2},
     )
     with trio.fail_after(120):
@@ -121,12 +130,18 @@ async def test_dashboard_live_in_chromium(tmp_path: Path, monkeypatch: pytest.Mo
             admin_url = f"http://127.0.0.1:{port_of(server.admin_addresses[0])}/"
             started = time.monotonic()
             seen = await trio.to_thread.run_sync(
-                drive_browser, admin_url, server.admin.token, port_of(server.addresses[0]), tmp_path
+                drive_browser,
+                admin_url,
+                server.admin.token,
+                port_of(server.addresses[0]),
+                port_of(server.addresses[1]),
+                tmp_path,
             )
             server.stop()
     assert seen["status"] == "live"
     assert seen["rows"] == 3
     assert seen["filtered_rows"] == 1
+    assert str(seen["websocket_listener_cell"]).endswith(" · websocket")
     assert "conn.open" in str(seen["trace_text"])
     assert server.tracer.flags == Flag.ERROR | Flag.INFO  # the page changed no global flags
     assert seen["closed_client_eof"] is True
@@ -257,7 +272,7 @@ def drive_faults_panel(admin_url: str, token: str, echo_port: int, shots: Path) 
 async def test_dashboard_faults_panel_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
     config = make_config(
-        server={"listen": ["127.0.0.1:0"]},
+        server={"listen": ["127.0.0.1:0", "http://127.0.0.1:0"]},
         admin={"listen": "127.0.0.1:0", "stats_interval": 0.2},
         faults={"cut": {"close_after_bytes": 3}, "slow": {"latency": 0.5}},
     )

@@ -302,7 +302,9 @@ function onConnections(items, total) {
   body.replaceChildren(...items.map((item) => {  // the server's order: the oldest first
     const row = document.createElement("tr");
     row.dataset.id = item.id;
-    const cells = [item.id, item.peer, item.listener, duration(item.age), bytes(item.bytes_in), bytes(item.bytes_out),
+    // A web listener's connection says which protocol it speaks now (http, or websocket once upgraded).
+    const listener = item.protocol ? `${item.listener} · ${item.protocol}` : item.listener;
+    const cells = [item.id, item.peer, listener, duration(item.age), bytes(item.bytes_in), bytes(item.bytes_out),
       item.rtt_us === undefined ? "–" : (item.rtt_us / 1000).toFixed(2) + " ms",
       item.retransmits ?? "–", item.pmtu ?? "–"];
     for (const value of cells) {
