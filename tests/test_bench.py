@@ -717,3 +717,11 @@ def test_model_edges() -> None:
     line = summary_line(result)
     assert "connections/s (TLS handshakes)" in line
     assert line.endswith("VERIFIED")  # (no bytes counted: not verified)
+    stream = report(
+        Tally(connections=1, bytes_echoed=5_000_000),
+        duration=1.0,
+        latency_us={"p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "max": 0.0},
+        mode="stream",
+    )
+    assert summary_line(stream).startswith("stream: 5.0 MB/s, errors 0 ")  # no zero rates or latencies
+    assert summary_line(stream).endswith(", verified")

@@ -126,15 +126,21 @@ def summary_line(result: dict[str, object]) -> str:
     latency = result["latency_us"]
     assert isinstance(latency, dict)
     status = "verified" if result["verified"] else "NOT VERIFIED"
-    rates = f"{result['roundtrips_per_s']} round trips/s"
+    rates = f"{result['roundtrips_per_s']} round trips/s, "
     if "connections_per_s" in result:
         rates = f"{result['connections_per_s']} connections/s" + (
-            " (TLS handshakes)" if "tls_handshakes_per_s" in result else ""
+            " (TLS handshakes), " if "tls_handshakes_per_s" in result else ", "
         )
-    return (
-        f"{result['mode']}: {rates}, {result['mb_per_s']} MB/s, "
+    latencies = (
         f"latency us p50 {latency['p50']} p90 {latency['p90']} p99 {latency['p99']} p99.9 {latency['p999']} "
-        f"max {latency['max']}, errors {result['errors']} {result['error_kinds']}, "
+        f"max {latency['max']}, "
+    )
+    if result["mode"] == "stream" and not result["roundtrips"]:
+        # A closed-loop stream has no messages to time: a row of zeros would read as a measurement.
+        rates, latencies = "", ""
+    return (
+        f"{result['mode']}: {rates}{result['mb_per_s']} MB/s, {latencies}"
+        f"errors {result['errors']} {result['error_kinds']}, "
         f"{status}" + (f", lost {result['lost']} ({result['loss_ratio']:.2%})" if result.get("lost") else "")
     )
 
