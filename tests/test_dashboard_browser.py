@@ -38,7 +38,9 @@ def chart_points(page: Any) -> int:
     return int(page.locator("#chart").get_attribute("data-points") or 0)
 
 
-def drive_browser(admin_url: str, token: str, echo_port: int, web_port: int, shots: Path) -> dict[str, object]:
+def drive_browser(
+    admin_url: str, token: str, echo_port: int, web_port: int, shots: Path
+) -> dict[str, object]:
     """Runs in a worker thread (Playwright's sync API has its own loop) while trio serves."""
     from playwright.sync_api import sync_playwright
 
