@@ -68,13 +68,15 @@ def test_the_configmap_is_a_valid_config_and_the_manifests_agree_with_it(tmp_pat
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     echo = [parse_address(entry) for entry in effective["server"]["listen"]]
-    assert {(a.transport, a.port) for a in echo} == {("tcp", 40007), ("udp", 40007)}
+    assert {(a.transport, a.port) for a in echo} == {("tcp", 40007), ("udp", 40007), ("http", 8080)}
     assert (ports["echo-tcp"]["containerPort"], ports["echo-tcp"]["protocol"]) == (40007, "TCP")
     assert (ports["echo-udp"]["containerPort"], ports["echo-udp"]["protocol"]) == (40007, "UDP")
+    assert (ports["web"]["containerPort"], ports["web"]["protocol"]) == (8080, "TCP")
     service = {port["name"]: port for port in kinds["Service"]["spec"]["ports"]}
     assert {name: (p["port"], p["protocol"]) for name, p in service.items()} == {
         "echo-tcp": (40007, "TCP"),
         "echo-udp": (40007, "UDP"),
+        "web": (8080, "TCP"),
         "admin": (admin_port, "TCP"),
     }
     # SIGTERM to SIGKILL must cover the whole stop: not ready, drain, lingering closes.

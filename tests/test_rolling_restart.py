@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from tests.test_haproxy import HAPROXY, free_port
@@ -50,20 +51,22 @@ def wait_for(check: object, what: str, timeout: float = 20.0) -> None:
 def test_rolling_restart_behind_haproxy_loses_nothing(tmp_path: Path) -> None:
     assert shutil.which(HAPROXY), "haproxy is missing: scripts/test installs it (apt-get install haproxy)"
     names = ("one", "two", "three")
-    ports = {old: free_port() for n in range(1, 4) for old in (f"4010{n}", f"4020{n}", f"4030{n}")}
-    front, stats = free_port(), tmp_path / "haproxy.sock"
+    kinds = ("4010", "4011", "4020", "4030")
+    ports = {f"{kind}{n}": free_port() for n in range(1, 4) for kind in kinds}
+    front, web_front, stats = free_port(), free_port(), tmp_path / "haproxy.sock"
     cfg = (CONFIGS / "haproxy.cfg").read_text()
-    cfg = re.sub(r"\b(40[123]0[123])\b", lambda m: str(ports[m.group(1)]), cfg)
+    cfg = re.sub(r"\b(40(?:10|11|20|30)[123])\b", lambda m: str(ports[m.group(1)]), cfg)
     cfg = cfg.replace("bind :40007", f"bind 127.0.0.1:{front}").replace(
         "/run/haproxy/trio-echo.sock", str(stats)
     )
+    cfg = cfg.replace("bind :8080", f"bind 127.0.0.1:{web_front}")
     (tmp_path / "haproxy.cfg").write_text(cfg)
     template = (CONFIGS / "trio-echo-instance.toml").read_text()
     configs = {}
     for n, name in enumerate(names, start=1):
         text = template
-        for kind in ("401", "402", "403"):
-            text = text.replace(f"{kind}01", str(ports[f"{kind}0{n}"]))
+        for kind in kinds:
+            text = text.replace(f"{kind}1", str(ports[f"{kind}{n}"]))
         configs[name] = tmp_path / f"{name}.toml"
         configs[name].write_text(text)
     env = {**os.environ, "TRIO_ECHO_ADMIN_TOKEN": TOKEN, "RUNTIME_DIRECTORY": str(tmp_path)}
@@ -88,6 +91,13 @@ def test_rolling_restart_behind_haproxy_loses_nothing(tmp_path: Path) -> None:
             lambda: stats.exists() and set(haproxy_state(stats).values()) == {"UP"},
             f"all three UP; HAProxy said: {(tmp_path / 'haproxy.log').read_text()}",
         )
+        # the web echo through HAProxy's other frontend: the instance sees the real client
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_front}/through?haproxy=1", timeout=10) as answer:
+            document = json.load(answer)
+        assert document["query"] == [["haproxy", "1"]]
+        assert document["connection"]["via"].startswith("127.0.0.1:")  # HAProxy, by PROXY v2
+        assert document["connection"]["peer"].startswith("127.0.0.1:")
+        assert document["connection"]["peer"] != document["connection"]["via"]
         bench = subprocess.Popen(
             [sys.executable, "-m", "trio_echo", "bench", f"127.0.0.1:{front}", "--connections", "12",
              "--size", "512", "--duration", "24", "--reconnect", "--json"],
