@@ -317,7 +317,7 @@ class Master:
             worker.abort()
             if self._services is not None:
                 self._services.start_soon(worker.abort_now)
-        self._stop.set()
+        self.stop()
         self._aborted.set()
 
     async def reconfigure(self, config: Config, *, max_connections: int | None = None) -> list[str]:
@@ -396,8 +396,8 @@ class Master:
 
     async def _drain(self) -> None:
         """Not ready for ``limits.drain_delay`` (the workers keep accepting), then every worker
-        drains at once, within one deadline; none is restarted meanwhile."""
-        self.draining = True
+        drains at once, within one deadline; none is restarted meanwhile (``stop`` has set
+        ``draining``)."""
         limits = self._config.limits
         if limits.drain_delay:
             self.tracer.emit(Flag.INFO, "server.not_ready", drain_delay=limits.drain_delay)

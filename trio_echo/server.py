@@ -291,7 +291,7 @@ class EchoServer:
 
     def abort(self) -> None:
         """Close everything at once (a second signal); ``run`` returns promptly."""
-        self._stop.set()
+        self.stop()
         self._hard_stop.cancel()
 
     def serve_stream(
@@ -387,9 +387,8 @@ class EchoServer:
             raise gave_up
 
     async def _not_ready_for(self, delay: float) -> None:
-        """The drain delay: /readyz 503 at once, listeners still accepting and connections served
-        (a second signal's abort cancels the wait)."""
-        self._not_ready = True
+        """The drain delay (``stop`` has made /readyz 503): listeners still accepting and connections
+        served (a second signal's abort cancels the wait)."""
         if delay:
             self.tracer.emit(Flag.INFO, "server.not_ready", drain_delay=delay)
             await trio.sleep(delay)
