@@ -7,6 +7,7 @@ import collections
 import contextlib
 import math
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -19,6 +20,7 @@ from trio_echo.connection import Connection
 from trio_echo.echo import EchoSession
 from trio_echo.events import Event, Flag
 from trio_echo.policy import ConnectionPolicy
+from trio_echo.relay import Relay
 from trio_echo.stats import ConnectionInfo
 from trio_echo.trace import Tracer
 
@@ -39,18 +41,39 @@ def connection(
     **kw: float,
 ) -> Connection:
     scratch = SHARED_SCRATCH if any(stream is sock for sock in _shared) else None
-    policy = ConnectionPolicy(scratch=scratch, **kw)  # type: ignore[arg-type]
+    relay = _relays[-1] if _relays and scratch is not None else None
+    policy = ConnectionPolicy(scratch=scratch, relay=relay, **kw)  # type: ignore[arg-type]
     return Connection(stream, EchoSession(size, greeting, farewell), policy)
 
 
-# "shared": the socket pump reading into one buffer shared by every connection, as the server runs it
+# "shared": the socket pump reading into one buffer shared by every connection; "relay": that, and
+# the relay carrying the steady state, as the server runs it
 SHARED_SCRATCH = memoryview(bytearray(1 << 16))
 _shared: list[socket.socket] = []
+_relays: list[Relay] = []
 
 
-@pytest.fixture(params=["stream", "socket", "shared"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(params=["stream", "socket", "shared", "relay"])
+async def kind(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    if request.param != "relay":
+        yield str(request.param)
+        return
+    async with running_relay():
+        yield "shared"  # make_pair's kind: the sockets share the scratch buffer, which the relay uses
+
+
+@contextlib.asynccontextmanager
+async def running_relay() -> AsyncIterator[Relay]:
+    """A relay running for the block; connections built by ``connection`` on shared pairs use it."""
+    async with trio.open_nursery() as nursery:
+        relay = Relay()
+        await nursery.start(relay.run, name="relay")
+        _relays.append(relay)
+        try:
+            yield relay
+        finally:
+            _relays.remove(relay)
+            nursery.cancel_scope.cancel()
 
 
 def make_pair(

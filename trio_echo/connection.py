@@ -13,7 +13,10 @@ one edge. There are two pumps with one behaviour (the same test suite runs again
   buffer is empty) it yields once and reads again before it waits: on a busy server the answer has
   usually arrived while the other connections ran, which saves trio's readiness wait (a quarter of the
   CPU per round trip with 50 connections in ping-pong); on an idle one it costs one failed read per
-  message.
+  message. In a server, a socket pump that has run dry does not wait itself: it parks in the event
+  loop's relay (:mod:`trio_echo.relay`), which echoes for every parked connection from one epoll set
+  and wakes the task for anything else (EOF, a short send, an error); the task's cancel scope still
+  governs it, so every limit below works the same.
 
 Timeouts (the rules are in :mod:`trio_echo.timeouts`): the connection runs in a cancel scope whose
 deadline is what limits the current await. The stream pump re-arms the deadline before each await (a
@@ -85,6 +88,7 @@ class Connection(SocketPump):
                 # The socket pump, inline: an idle connection waits in this one frame (a helper
                 # coroutine would cost each idle connection its frame, ~250 bytes).
                 faulted = self.faults is not None
+                relay = self.policy.relay  # (Wait.RELAY only when there is one)
                 if not faulted:
                     self.scope.deadline = self._idle_deadline()
                 while not faulted:  # resumed in a fresh scope whenever a lazy idle deadline fired early
@@ -94,6 +98,10 @@ class Connection(SocketPump):
                                 await trio.lowlevel.wait_readable(stream)
                             elif wait is Wait.YIELD:
                                 await trio.lowlevel.checkpoint()
+                            elif wait is Wait.RELAY:
+                                assert relay is not None
+                                await relay.carry(self, stream)
+                                self._receiving = False  # handed back: the session has its next step
                             elif wait is Wait.WRITABLE:
                                 await trio.lowlevel.wait_writable(stream)
                             else:

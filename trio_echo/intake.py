@@ -33,6 +33,7 @@ from .policy import Closed, ConnectionPolicy
 from .proxied import receive_header
 from .proxyproto import ProxyHeader
 from .reasons import Reason
+from .relay import Relay
 from .runtime import Settings
 from .stats import ConnectionInfo, Stats
 from .tls import Contexts
@@ -59,7 +60,14 @@ class Intake:
     """
 
     def __init__(
-        self, settings: Settings, stats: Stats, tracer: Tracer, tls: Contexts, *, worker: int | None = None
+        self,
+        settings: Settings,
+        stats: Stats,
+        tracer: Tracer,
+        tls: Contexts,
+        *,
+        worker: int | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.stats = stats
         self.tracer = tracer
@@ -73,6 +81,7 @@ class Intake:
         self.health_checks: dict[EchoSession, Connection | WebConnection] = {}
         # One read buffer for every socket pump of this server (see ConnectionPolicy's ``scratch``).
         self._scratch = page_aligned(settings.config.limits.buffer_size)
+        self._relay = relay
         self._identity = WebPolicy.identity(worker)
         self.configure(settings, tls)
 
@@ -89,6 +98,7 @@ class Intake:
             scratch=self._scratch,
             on_close=self._closed,
             on_fault=self.fault_applied,
+            relay=self._relay,
         )
         self._client_policy = client
         self._health_check_policy = attrs.evolve(client, on_close=self._health_check_closed)

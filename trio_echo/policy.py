@@ -14,6 +14,7 @@ import attrs
 from .config import LimitsConfig
 from .echo import EchoSession
 from .reasons import Reason
+from .relay import Relay
 from .stats import ConnectionInfo
 from .trace import Tracer
 
@@ -53,6 +54,8 @@ class ConnectionPolicy:
             bookkeeping; one function for every connection, so none holds a closure).
         on_fault: called as ``on_fault(conn_id, kind, fields)`` for each fault applied (the
             ``fault.applied`` event and the counter).
+        relay: the event loop's relay (``relay.py``), which carries a socket pump's steady-state echo
+            while it runs; it reads into ``scratch``, so that must be set too.
     """
 
     idle_timeout: float = attrs.field(default=0.0, converter=_off_is_inf)
@@ -65,6 +68,12 @@ class ConnectionPolicy:
     scratch: memoryview | None = None
     on_close: OnClose | None = None
     on_fault: OnFault | None = None
+    relay: Relay | None = attrs.field(default=None)
+
+    @relay.validator
+    def _relay_needs_scratch(self, _: attrs.Attribute[Relay | None], relay: Relay | None) -> None:
+        if relay is not None and self.scratch is None:
+            raise ValueError("a relay reads into the shared scratch buffer: set scratch too")
 
     @classmethod
     def from_limits(
@@ -75,6 +84,7 @@ class ConnectionPolicy:
         scratch: memoryview | None = None,
         on_close: OnClose | None = None,
         on_fault: OnFault | None = None,
+        relay: Relay | None = None,
     ) -> ConnectionPolicy:
         """The ``[limits]`` section's timeouts and bandwidth cap, with these hooks."""
         return cls(
@@ -88,6 +98,7 @@ class ConnectionPolicy:
             scratch=scratch,
             on_close=on_close,
             on_fault=on_fault,
+            relay=relay,
         )
 
 

@@ -3,7 +3,9 @@
 :class:`SocketPump` is the base of :class:`~trio_echo.connection.Connection`. Its :meth:`_advance` calls
 ``recv_into`` on one reused buffer and ``send`` directly on the non-blocking socket for as long as the
 kernel allows and returns what to wait for (a :class:`Wait`); ``Connection.run`` does that one await
-and calls it again, so the task's only frame while it waits is ``run`` itself. Synchronous methods
+and calls it again, so the task's only frame while it waits is ``run`` itself. When the policy has a
+relay (``relay.py``), a pump that has run dry parks there instead (:attr:`Wait.RELAY`) and the relay
+calls :meth:`SocketPump._echo_ready` for it whenever its socket is readable. Synchronous methods
 cost an idle connection nothing; each coroutine frame in the await chain would cost it a few hundred
 bytes.
 """
@@ -14,6 +16,7 @@ import enum
 import math
 import socket
 
+import outcome
 import trio
 
 from . import timeouts
@@ -37,6 +40,7 @@ class Wait(enum.Enum):
     WRITABLE = enum.auto()
     YIELD = enum.auto()  # nothing: let the other tasks run (fair share, or the early read)
     THROTTLE = enum.auto()  # the bandwidth cap's pause (``Connection._delay`` seconds)
+    RELAY = enum.auto()  # nothing to do until the client sends: park in the relay (relay.py)
     DONE = enum.auto()  # the session is over
 
 
@@ -188,6 +192,9 @@ class SocketPump:
                 self._ops = 0
                 if self._phase is not Phase.IDLE:
                     self._rearm_idle()
+                relay = self.policy.relay
+                if relay is not None and relay.running and bucket is None and not traced:
+                    return Wait.RELAY
                 has_buffer = self.policy.scratch is not None or self._buffer is not None
                 return Wait.YIELD if self._early_read and has_buffer else Wait.READABLE
             if self._ops >= FAIR_SHARE:  # (no echo is pending in the buffer)
@@ -229,6 +236,47 @@ class SocketPump:
             session.echoed(count)
             if traced:
                 self._trace_data(sent=sent)
+
+    def _echo_ready(self, sock: socket.socket, now: float) -> outcome.Outcome[None] | None:
+        """The relay's step for this parked connection, whose socket is readable: read and echo while
+        reads come back full (a stream: more is waiting), up to ``FAIR_SHARE`` reads. None: stay in
+        the relay; else what the task resumes with (the session has its next step, or the socket
+        pump must run: data tracing is on; or the socket's error)."""
+        tracer = self.policy.tracer
+        if tracer is not None and tracer.data:
+            return outcome.Value(None)  # the socket pump traces every chunk
+        buffer = self.policy.scratch
+        assert buffer is not None  # (a policy with a relay has a scratch buffer)
+        cap = self._read_cap
+        session = self.session
+        for _ in range(FAIR_SHARE):
+            try:
+                count = sock.recv_into(buffer, cap)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                return outcome.Error(exc)
+            self._activity = now
+            if not count:
+                session.received(_NOTHING)  # the client's EOF
+                return outcome.Value(None)
+            data = buffer[:count]
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                return outcome.Error(exc)
+            if sent < count:
+                # The rest goes out through the socket pump's SEND step; out of the shared buffer first.
+                session.received(data)
+                session.sent(sent)
+                session.detach()
+                return outcome.Value(None)
+            session.echoed(count)
+            if count < cap:  # the kernel had no more
+                return None
+        return None
 
     def _pause(self, bucket: TokenBucket) -> float:
         """Seconds the bandwidth cap wants before the next read (0: none). Our own pause is not the

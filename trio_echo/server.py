@@ -39,6 +39,7 @@ from .intake import Intake
 from .listeners import ListeningSocket
 from .listening import Listeners, adopted_label
 from .reasons import Reason
+from .relay import Relay
 from .restarts import Restart
 from .runtime import Settings, restart_required
 from .stats import Stats
@@ -93,7 +94,11 @@ class EchoServer:
         self.stats = Stats(started=0.0, next_id=first_id)
         self._inherited = inherited or Inherited()
         self.settings = Settings.from_config(config, max_connections)
-        self.intake = Intake(self.settings, self.stats, self.tracer, self._tls(self.settings), worker=worker)
+        # The steady-state echo of every plain TCP and Unix connection, where the platform has epoll.
+        self.relay = Relay() if Relay.available() else None
+        self.intake = Intake(
+            self.settings, self.stats, self.tracer, self._tls(self.settings), worker=worker, relay=self.relay
+        )
         self.listeners = Listeners(self.intake, self.stats, self.tracer, reuse_port=reuse_port, shared=shared)
         admin_socket = self._inherited.admin
         self.admin = (
@@ -363,6 +368,8 @@ class EchoServer:
                     # Listeners and the admin port; the admin port outlives the listeners so that
                     # /readyz can say "draining" while connections finish.
                     async with trio.open_nursery() as services:
+                        if self.relay is not None:  # before the listeners; stops after the drain
+                            await services.start(self.relay.run)
                         if self.trace_file is not None:
                             await services.start(self.trace_file.run, self.tracer)
                         await services.start(self.supervisor.run)
