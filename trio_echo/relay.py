@@ -3,8 +3,10 @@
 A connection's task (``Connection.run``) owns its connection from accept to close, in its own cancel
 scope. When its socket pump runs dry (the client has sent nothing new) it does not wait for
 readiness itself: it parks in :meth:`Relay.carry` and the relay adds the socket to its own
-level-triggered epoll set. The relay waits for that one set (one trio readiness wait per batch of
-ready sockets, not per connection and message) and, for each ready socket, has the connection do one
+level-triggered epoll set. The relay polls that one set: a batch of ready sockets, then a checkpoint
+(the other tasks run), then the next batch; only when nothing is ready does it wait, through trio, for
+the set to become readable (not per connection and message). For each ready socket it has the
+connection do one
 ``recv_into`` and ``send`` (``SocketPump._echo_ready``, which keeps the session's books). Whatever
 else the session needs hands the connection back: the client's EOF, an echo the kernel did not take
 whole, an error (raised in the task), data tracing switched on. The relay then wakes the task, which
@@ -73,9 +75,13 @@ class Relay:
         task_status.started()
         try:
             while True:
-                await trio.lowlevel.wait_readable(fd)
-                # One clock read per batch: the idle timeouts' activity time.
-                self._carry(epoll.poll(0, BATCH), clock.current_time())
+                events = epoll.poll(0, BATCH)
+                if events:
+                    # One clock read per batch: the idle timeouts' activity time.
+                    self._carry(events, clock.current_time())
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.lowlevel.wait_readable(fd)
         finally:
             for ready, (_, _, task) in list(carried.items()):
                 self._release(ready)
