@@ -21,8 +21,8 @@ from trio_echo.connection import Connection
 from trio_echo.echo import EchoSession
 from trio_echo.events import Event, Flag
 from trio_echo.policy import ConnectionPolicy
-from trio_echo.pump import SocketPump
-from trio_echo.relay import Relay
+from trio_echo.pump import FAIR_SHARE, SocketPump
+from trio_echo.relay import BATCH, Relay
 from trio_echo.stats import ConnectionInfo
 from trio_echo.trace import Tracer
 
@@ -272,17 +272,19 @@ async def test_a_bug_in_one_connections_step_fails_that_connection_only(
 
 
 async def test_a_stream_is_read_in_bounded_turns() -> None:
-    """A client whose input never runs dry: the relay reads at most FAIR_SHARE full buffers of it
-    per turn, so another parked connection is served while it still has input."""
+    """A client whose input never runs dry: the relay reads at most FAIR_SHARE buffers of it per
+    turn and lets the other tasks run every BATCH turns, so a message sent meanwhile by another
+    task is echoed while the hog still has input."""
+    hog_bytes_per_step: list[int] = []
     with trio.fail_after(30):
         async with running_relay(), trio.open_nursery() as nursery:
             _hog_client, hog_end = make_pair("shared")
             raw_client = _opened[-1]
             for sock in (raw_client, hog_end):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-            hog = connection(hog_end, size=1024, linger_timeout=0)
+            hog = connection(hog_end, size=16, linger_timeout=0)  # reads of at most 16 bytes
             other_client, other_end = make_pair("shared")
-            other = connection(other_end, size=1024, linger_timeout=0)
+            other = connection(other_end, size=16, linger_timeout=0)
             nursery.start_soon(hog.run)
             nursery.start_soon(other.run)
             await ping(other_client, b"parked")
@@ -292,10 +294,25 @@ async def test_a_stream_is_read_in_bounded_turns() -> None:
                 while queued < 1 << 21:
                     queued += raw_client.send(bytes(16384))
             assert queued >= 1 << 18
-            await ping(other_client, b"me too")
+
+            class HogBytesPerStep(trio.abc.Instrument):
+                def before_task_step(self, task: trio.lowlevel.Task) -> None:
+                    if task.name == "relay":
+                        self.before = hog.session.bytes_out
+
+                def after_task_step(self, task: trio.lowlevel.Task) -> None:
+                    if task.name == "relay":
+                        hog_bytes_per_step.append(hog.session.bytes_out - self.before)
+
+            trio.lowlevel.add_instrument(instrument := HogBytesPerStep())
+            try:
+                await ping(other_client, b"me too")  # sent once the relay let this task run
+            finally:
+                trio.lowlevel.remove_instrument(instrument)
             assert hog.session.bytes_out < queued  # served while the hog still had input
             hog.close("admin")
             other.close("admin")
+    assert max(hog_bytes_per_step) <= BATCH * FAIR_SHARE * 16
 
 
 def test_a_policy_with_a_relay_needs_the_shared_buffer() -> None:
@@ -437,3 +454,18 @@ async def test_the_relays_step(
         if client_does == "sends":
             assert theirs.recv(10) == b"hello"
             assert conn._activity == 12.5  # the idle timeout's clock
+
+
+async def test_a_relay_with_nothing_ready_blocks_instead_of_polling() -> None:
+    with trio.fail_after(10):
+        async with running_relay() as relay, trio.open_nursery() as nursery:
+            client, server = make_pair("shared")
+            conn = connection(server, linger_timeout=0)
+            nursery.start_soon(conn.run)
+            await ping(client, b"then quiet")
+            await trio.testing.wait_all_tasks_blocked()  # never returns if the relay polls
+            assert relay.carrying == 1
+            with counting_steps() as steps:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert steps["relay"] == 0
+            conn.close("admin")

@@ -3,9 +3,10 @@
 A connection's task (``Connection.run``) owns its connection from accept to close, in its own cancel
 scope. When its socket pump runs dry (the client has sent nothing new) it does not wait for
 readiness itself: it parks in :meth:`Relay.carry` and the relay adds the socket to its own
-level-triggered epoll set. The relay polls that one set: a batch of ready sockets, then a checkpoint
-(the other tasks run), then the next batch; only when nothing is ready does it wait, through trio, for
-the set to become readable (not per connection and message). For each ready socket it has the
+level-triggered epoll set. The relay polls that one set, batch after batch of ready sockets, and
+lets the other tasks run (a checkpoint) every ``BATCH`` sockets served; only when nothing is ready
+does it wait, through trio, for the set to become readable (so trio's scheduler is paid per
+batch or per quiet spell, not per connection and message). For each ready socket it has the
 connection do one
 ``recv_into`` and ``send`` (``SocketPump._echo_ready``, which keeps the session's books). Whatever
 else the session needs hands the connection back: the client's EOF, an echo the kernel did not take
@@ -38,7 +39,9 @@ import trio
 if TYPE_CHECKING:
     from .pump import SocketPump
 
-BATCH = 256  # ready sockets handled per wakeup, at most: the other tasks run between batches
+# Sockets served (each at most FAIR_SHARE reads) between two turns of the other tasks: a busy relay
+# delays them about as much as BATCH busy connection tasks would, each taking its own turn.
+BATCH = 256
 
 
 class Relay:
@@ -74,14 +77,19 @@ class Relay:
         carried = self._carried
         task_status.started()
         try:
+            turns = 0  # sockets served since the other tasks last ran
             while True:
                 events = epoll.poll(0, BATCH)
-                if events:
-                    # One clock read per batch: the idle timeouts' activity time.
-                    self._carry(events, clock.current_time())
-                    await trio.lowlevel.checkpoint()
-                else:
+                if not events:
+                    turns = 0
                     await trio.lowlevel.wait_readable(fd)
+                    continue
+                # One clock read per batch: the idle timeouts' activity time.
+                self._carry(events, clock.current_time())
+                turns += len(events)
+                if turns >= BATCH:
+                    turns = 0
+                    await trio.lowlevel.checkpoint()
         finally:
             for ready, (_, _, task) in list(carried.items()):
                 self._release(ready)
