@@ -53,6 +53,20 @@ async def ping(client: trio.abc.Stream, message: bytes) -> None:
     assert got == message
 
 
+async def park(nursery: trio.Nursery, relay: Relay, conn: Connection, client: trio.abc.Stream) -> list[str]:
+    """Run ``conn``, echo one message and wait until it is parked; the list gets its close reason."""
+    reasons: list[str] = []
+
+    async def run() -> None:
+        reasons.append(await conn.run())
+
+    nursery.start_soon(run)
+    await ping(client, b"abc")
+    await trio.testing.wait_all_tasks_blocked()
+    assert relay.carrying == 1
+    return reasons
+
+
 async def test_a_parked_connection_is_echoed_without_its_task() -> None:
     """The point of the relay: once parked, a ping-pong connection's messages cost its task no step
     (the relay's task does the echo), and the connection stays parked throughout."""
@@ -85,15 +99,7 @@ async def test_the_clients_eof_hands_the_connection_back_for_the_farewell() -> N
             client, server = make_pair("shared")
             conn = connection(server, farewell=b"bye\n")
             async with trio.open_nursery() as nursery:
-                reasons: list[str] = []
-
-                async def run() -> None:
-                    reasons.append(await conn.run())
-
-                nursery.start_soon(run)
-                await ping(client, b"abc")
-                await trio.testing.wait_all_tasks_blocked()
-                assert relay.carrying == 1
+                reasons = await park(nursery, relay, conn, client)
                 assert isinstance(client, trio.abc.HalfCloseableStream)
                 await client.send_eof()
                 assert await read_until_eof(client) == b"bye\n"
@@ -138,15 +144,7 @@ async def test_a_reset_while_parked_raises_in_the_task() -> None:
             client, server = make_pair("shared")
             conn = connection(server)
             async with trio.open_nursery() as nursery:
-                reasons: list[str] = []
-
-                async def run() -> None:
-                    reasons.append(await conn.run())
-
-                nursery.start_soon(run)
-                await ping(client, b"abc")
-                await trio.testing.wait_all_tasks_blocked()
-                assert relay.carrying == 1
+                reasons = await park(nursery, relay, conn, client)
                 raw = _opened[-1]
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 await client.send_all(b"unanswered")
