@@ -7,8 +7,8 @@ level-triggered epoll set. The relay polls that one set, batch after batch of re
 lets the other tasks run (a checkpoint) every ``BATCH`` sockets served; only when nothing is ready
 does it wait, through trio, for the set to become readable (so trio's scheduler is paid per
 batch or per quiet spell, not per connection and message). For each ready socket it has the
-connection do one
-``recv_into`` and ``send`` (``SocketPump._echo_ready``, which keeps the session's books). Whatever
+connection do one ``recv_into`` and ``send`` (``SocketPump._echo_ready``, which keeps the session's
+books). Whatever
 else the session needs hands the connection back: the client's EOF, an echo the kernel did not take
 whole, an error (raised in the task), data tracing switched on. The relay then wakes the task, which
 goes on with the socket pump and, once that runs dry again, parks again.
@@ -47,12 +47,11 @@ BATCH = 256
 class Relay:
     """Carries the steady-state echo of the connections parked in it (see the module docstring)."""
 
-    __slots__ = ("_carried", "_epoll", "carried_total")
+    __slots__ = ("_carried", "_epoll")
 
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None  # while running
         self._carried: dict[int, tuple[SocketPump, socket.socket, trio.lowlevel.Task]] = {}
-        self.carried_total = 0  # parkings so far (tests and the curious)
 
     @staticmethod
     def available() -> bool:
@@ -125,7 +124,6 @@ class Relay:
         fd = sock.fileno()
         epoll.register(fd, select.EPOLLIN)
         self._carried[fd] = (conn, sock, trio.lowlevel.current_task())
-        self.carried_total += 1
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             self._release(fd)
