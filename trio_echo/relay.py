@@ -4,9 +4,10 @@ A connection's task (``Connection.run``) owns its connection from accept to clos
 scope. When its socket pump runs dry (the client has sent nothing new) it does not wait for
 readiness itself: it parks in :meth:`Relay.carry` and the relay adds the socket to its own
 level-triggered epoll set. The relay polls that one set, batch after batch of ready sockets, and
-lets the other tasks run (a checkpoint) every ``BATCH`` sockets served; only when nothing is ready
-does it wait, through trio, for the set to become readable (so trio's scheduler is paid per
-batch or per quiet spell, not per connection and message). For each ready socket it has the
+lets the other tasks run (a checkpoint) every ``BATCH`` sockets served; when nothing is ready it
+lets them run and looks once more, and only if still nothing is ready does it wait, through trio,
+for the set to become readable (so trio's scheduler is paid per batch or per quiet spell, not per
+connection and message). For each ready socket it has the
 connection do one ``recv_into`` and ``send`` (``SocketPump._echo_ready``, which keeps the session's
 books). Whatever
 else the session needs hands the connection back: the client's EOF, an echo the kernel did not take
@@ -77,18 +78,28 @@ class Relay:
         task_status.started()
         try:
             turns = 0  # sockets served since the other tasks last ran
+            looked_again = False
             while True:
                 events = epoll.poll(0, BATCH)
-                if not events:
+                if events:
+                    looked_again = False
+                    # One clock read per batch: the idle timeouts' activity time.
+                    self._carry(events, clock.current_time())
+                    turns += len(events)
+                    if turns >= BATCH:
+                        turns = 0
+                        await trio.lowlevel.checkpoint()
+                elif not looked_again:
+                    # Nothing ready: let the other tasks run, then look once more before sleeping.
+                    # A client that answers at once has often answered by then, and a look costs a
+                    # scheduler pass where sleeping costs trio's readiness wait and the vCPU's wake-up
+                    # (with one connection in ping-pong, ~31 against ~23 us of CPU per round trip).
                     turns = 0
-                    await trio.lowlevel.wait_readable(fd)
-                    continue
-                # One clock read per batch: the idle timeouts' activity time.
-                self._carry(events, clock.current_time())
-                turns += len(events)
-                if turns >= BATCH:
-                    turns = 0
+                    looked_again = True
                     await trio.lowlevel.checkpoint()
+                else:
+                    looked_again = False
+                    await trio.lowlevel.wait_readable(fd)
         finally:
             for ready, (_, _, task) in list(carried.items()):
                 self._release(ready)
