@@ -7,11 +7,10 @@ level-triggered epoll set. The relay polls that one set, batch after batch of re
 lets the other tasks run (a checkpoint) every ``BATCH`` sockets served; when nothing is ready it
 lets them run and looks once more, and only if still nothing is ready does it wait, through trio,
 for the set to become readable (so trio's scheduler is paid per batch or per quiet spell, not per
-connection and message). For each ready socket it has the
-connection do one ``recv_into`` and ``send`` (``SocketPump._echo_ready``, which keeps the session's
-books). Whatever
-else the session needs hands the connection back: the client's EOF, an echo the kernel did not take
-whole, an error (raised in the task), data tracing switched on. The relay then wakes the task, which
+connection and message). For each ready socket it has the connection do one ``recv_into`` and
+``send`` (``SocketPump._echo_ready``, which keeps the session's books). Whatever else the session
+needs hands the connection back: the client's EOF, an echo the kernel did not take whole, an error
+(raised in the task), data tracing switched on. The relay then wakes the task, which
 goes on with the socket pump and, once that runs dry again, parks again.
 
 Why: each message through a task of its own costs trio a task step and a readiness wait (an
@@ -78,28 +77,25 @@ class Relay:
         task_status.started()
         try:
             turns = 0  # sockets served since the other tasks last ran
-            looked_again = False
             while True:
                 events = epoll.poll(0, BATCH)
-                if events:
-                    looked_again = False
-                    # One clock read per batch: the idle timeouts' activity time.
-                    self._carry(events, clock.current_time())
-                    turns += len(events)
-                    if turns >= BATCH:
-                        turns = 0
-                        await trio.lowlevel.checkpoint()
-                elif not looked_again:
+                if not events:
                     # Nothing ready: let the other tasks run, then look once more before sleeping.
                     # A client that answers at once has often answered by then, and a look costs a
                     # scheduler pass where sleeping costs trio's readiness wait and the vCPU's wake-up
                     # (with one connection in ping-pong, ~31 against ~23 us of CPU per round trip).
                     turns = 0
-                    looked_again = True
                     await trio.lowlevel.checkpoint()
-                else:
-                    looked_again = False
-                    await trio.lowlevel.wait_readable(fd)
+                    events = epoll.poll(0, BATCH)
+                    if not events:
+                        await trio.lowlevel.wait_readable(fd)
+                        continue
+                # One clock read per batch: the idle timeouts' activity time.
+                self._carry(events, clock.current_time())
+                turns += len(events)
+                if turns >= BATCH:
+                    turns = 0
+                    await trio.lowlevel.checkpoint()
         finally:
             for ready, (_, _, task) in list(carried.items()):
                 self._release(ready)
