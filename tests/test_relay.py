@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import logging
-import os
 import socket
 
 import pytest
@@ -25,7 +23,6 @@ from trio_echo.events import Event, Flag
 from trio_echo.policy import ConnectionPolicy
 from trio_echo.pump import FAIR_SHARE, SocketPump
 from trio_echo.relay import BATCH, Relay
-from trio_echo.splice import SplicePipe
 from trio_echo.stats import ConnectionInfo
 from trio_echo.trace import Tracer
 
@@ -237,10 +234,10 @@ async def test_a_bug_in_one_connections_step_fails_that_connection_only(
 ) -> None:
     real = SocketPump._echo_ready
 
-    def buggy(self: SocketPump, sock: socket.socket, now: float, pipe: SplicePipe | None) -> object:
+    def buggy(self: SocketPump, sock: socket.socket, now: float) -> object:
         if self.session.bytes_in and self.conn_id == 0 and self.session.buffer_size == 13:
             raise ZeroDivisionError("a bug")
-        return real(self, sock, now, pipe)
+        return real(self, sock, now)
 
     monkeypatch.setattr(SocketPump, "_echo_ready", buggy)
     with trio.fail_after(10):
@@ -418,8 +415,6 @@ def filled(sock: socket.socket) -> int:
         ("sends and closes", False, "error", 0, 0),
         # the client sends but reads nothing while our send buffer is full: back with the echo
         ("sends, reads nothing", False, "value", 5, 5),
-        # more than FAIR_SHARE reads' worth (and no splice pipe): one turn's worth, then stays
-        ("floods", True, None, FAIR_SHARE * 64, 0),
     ],
 )
 async def test_the_relays_step(
@@ -435,8 +430,6 @@ async def test_the_relays_step(
             filled(ours)
         if "sends" in client_does:
             theirs.send(b"hello")
-        if client_does == "floods":
-            theirs.send(bytes(FAIR_SHARE * 64 + 1))
         if client_does == "sends and closes":
             theirs.close()
         if client_does == "half-closes":
@@ -503,159 +496,3 @@ async def test_a_client_that_answers_at_once_is_served_without_a_readiness_wait(
             conn.close("admin")
     (relay_sleeps,) = waits.values()  # the relay's epoll set: the only file number waited on
     assert relay_sleeps < 90  # (about 65 of 100 measured; 100 without the second look)
-
-
-def pipe_is_empty(pipe: SplicePipe) -> bool:
-    try:
-        os.read(pipe.read_fd, 1)
-    except BlockingIOError:
-        return True
-    return False
-
-
-async def test_a_stream_through_the_relay_is_spliced_and_echoed_exactly(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A client streaming faster than single reads: after the first full read the relay splices
-    (no copy through the shared buffer), and every byte comes back once, in order."""
-    spliced_in: list[int] = []  # bytes moved from the server's socket into the pipe, per call
-    real = os.splice
-
-    def counting(src: int, dst: int, count: int, *args: object, **kwargs: object) -> int:
-        moved = real(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
-        if src == server.fileno():
-            spliced_in.append(moved)
-        return moved
-
-    monkeypatch.setattr(os, "splice", counting)
-    payload = bytes(i * 7 % 251 for i in range(1 << 20))
-    with trio.fail_after(20):
-        async with running_relay(), trio.open_nursery() as nursery:
-            client, server = make_pair("shared")
-            conn = connection(server, size=1 << 12, linger_timeout=0)
-            nursery.start_soon(conn.run)
-            await ping(client, b"first")
-            nursery.start_soon(client.send_all, payload)
-            got = bytearray()
-            while len(got) < len(payload):
-                got += await client.receive_some(1 << 16)
-            assert got == payload
-            conn.close("admin")
-    # Each readiness report's first read is a copy, the reads after a full one are spliced; how many
-    # there are depends on the two tasks' timing (a sixth of it here), none without the splice.
-    assert sum(spliced_in) >= 1 << 14
-    assert conn.session.bytes_in == conn.session.bytes_out == len(payload) + 5
-
-
-@pytest.mark.parametrize(
-    ("case", "stays", "resumes_with", "bytes_in", "unsent", "usable"),
-    [
-        # more than one read's worth, echoed whole: stays, nothing left in the pipe
-        ("streams", True, None, 40, 0, True),
-        # the client's EOF: back to the task
-        ("half-closes", False, "value", 0, 0, True),
-        # our send buffer is full: the chunk comes back out of the pipe as the unsent echo
-        ("reads nothing", False, "value", 16, 16, True),
-        # the kernel sends half: the other half is the unsent echo
-        ("short send", False, "value", 16, 8, True),
-        # the client is gone: the error, raised in the task; the pipe emptied all the same
-        ("vanishes", False, "error", 16, 16, True),
-        # the client reset the connection: the error, raised in the task
-        ("resets", False, "error", 0, 0, True),
-        # a kernel that cannot splice this socket: nothing read, copies from now on
-        ("refused in", True, None, 0, 0, False),
-        # ... or cannot splice onto it: the chunk is the unsent echo, sent by the task
-        ("refused out", False, "value", 16, 16, False),
-    ],
-)
-async def test_the_relays_spliced_step(
-    monkeypatch: pytest.MonkeyPatch,
-    case: str,
-    stays: bool,
-    resumes_with: str | None,
-    bytes_in: int,
-    unsent: int,
-    usable: bool,
-) -> None:
-    ours, theirs = socket.socketpair()
-    pipe = SplicePipe.open()
-    assert pipe is not None
-    with ours, theirs:
-        ours.setblocking(False)
-        theirs.setblocking(False)
-        conn = SocketPump(ours, EchoSession(16), ConnectionPolicy(scratch=memoryview(bytearray(16))))
-        message = bytes(range(40))
-        real = os.splice
-
-        def kernel(src: int, dst: int, count: int, *args: object, **kwargs: object) -> int:
-            outward = src == pipe.read_fd
-            if case == "short send" and outward:
-                count //= 2
-            if case == ("refused out" if outward else "refused in"):
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(os, "splice", kernel)
-        if case in ("reads nothing", "vanishes"):
-            filled(ours)
-        if case == "half-closes":
-            theirs.shutdown(socket.SHUT_WR)
-        elif case == "resets":
-            ours.send(b"unread")  # closing with it unread resets (AF_UNIX: ECONNRESET)
-            theirs.close()
-        else:
-            theirs.send(message)
-        if case == "vanishes":
-            theirs.close()
-        result = conn._splice_ready(ours.fileno(), 12.5, pipe, FAIR_SHARE)
-        assert (result is None) is stays
-        if resumes_with == "value":
-            assert result is not None
-            assert result.unwrap() is None
-        elif resumes_with == "error":
-            assert result is not None
-            with pytest.raises(ConnectionResetError if case == "resets" else BrokenPipeError):
-                result.unwrap()
-        assert pipe_is_empty(pipe)
-        assert (conn.session.bytes_in, conn.session.unsent, pipe.usable) == (bytes_in, unsent, usable)
-        if unsent:
-            assert bytes(conn.session.outgoing) == message[16 - unsent : 16]
-        if case == "streams":
-            assert theirs.recv(64) == message
-        if case == "refused in":
-            assert ours.recv(64) == message  # still there, for the copy
-    pipe.close()
-
-
-async def test_a_bug_mid_splice_leaves_nothing_for_the_next_connection(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A connection whose step fails between the splice in and the splice out leaves its bytes in
-    the shared pipe: the relay takes a new pipe, and the next stream echoes only its own bytes."""
-    real = os.splice
-    bad_fds: list[int] = []
-
-    def buggy(src: int, dst: int, count: int, *args: object, **kwargs: object) -> int:
-        if dst in bad_fds:
-            raise ZeroDivisionError("a bug")
-        return real(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "splice", buggy)
-    with trio.fail_after(10):
-        async with running_relay(), trio.open_nursery() as nursery:
-            bad_client, bad_server = make_pair("shared")
-            good_client, good_server = make_pair("shared")
-            bad = connection(bad_server, size=16, linger_timeout=0)
-            good = connection(good_server, size=16, linger_timeout=0)
-            nursery.start_soon(bad.run)
-            nursery.start_soon(good.run)
-            for client in (bad_client, good_client):
-                await ping(client, b"one")
-            await trio.testing.wait_all_tasks_blocked()
-            bad_fds.append(bad_server.fileno())
-            with pytest.raises(trio.BrokenResourceError):  # noqa: PT012 - the echo never comes
-                await bad_client.send_all(b"B" * 48)
-                assert await read_until_eof(bad_client) == b"B" * 16
-            await trio.testing.wait_all_tasks_blocked()
-            await ping(good_client, bytes(range(48)))
-            good.close("admin")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 import socket
 
 import outcome
@@ -28,9 +27,6 @@ from .faults import ConnectionFaults
 from .policy import DEFAULT_POLICY, ConnectionPolicy
 from .ratelimit import TokenBucket
 from .reasons import Phase, Reason
-from .splice import FLAGS as SPLICE_FLAGS
-from .splice import REFUSALS as SPLICE_REFUSALS
-from .splice import SplicePipe
 from .stats import ConnectionInfo
 
 _NOTHING = memoryview(b"")
@@ -241,14 +237,11 @@ class SocketPump:
             if traced:
                 self._trace_data(sent=sent)
 
-    def _echo_ready(
-        self, sock: socket.socket, now: float, pipe: SplicePipe | None = None
-    ) -> outcome.Outcome[None] | None:
+    def _echo_ready(self, sock: socket.socket, now: float) -> outcome.Outcome[None] | None:
         """The relay's step for this parked connection, whose socket is readable: read and echo while
-        reads come back full (a stream: more is waiting), up to ``FAIR_SHARE`` reads; after the first
-        full one, through the relay's splice ``pipe`` if it has one (:meth:`_splice_ready`). None:
-        stay in the relay; else what the task resumes with (the session has its next step, or the
-        socket pump must run: data tracing is on; or the socket's error)."""
+        reads come back full (a stream: more is waiting), up to ``FAIR_SHARE`` reads. None: stay in
+        the relay; else what the task resumes with (the session has its next step, or the socket
+        pump must run: data tracing is on; or the socket's error)."""
         tracer = self.policy.tracer
         if tracer is not None and tracer.data:
             return outcome.Value(None)  # the socket pump traces every chunk
@@ -256,7 +249,7 @@ class SocketPump:
         assert buffer is not None  # (a policy with a relay has a scratch buffer)
         cap = self._read_cap
         session = self.session
-        for turn in range(FAIR_SHARE):
+        for _ in range(FAIR_SHARE):
             try:
                 count = sock.recv_into(buffer, cap)
             except BlockingIOError:
@@ -282,54 +275,6 @@ class SocketPump:
                 return outcome.Value(None)
             session.echoed(count)
             if count < cap:  # the kernel had no more
-                return None
-            if pipe is not None and pipe.usable:  # a stream: the rest of the turn without copies
-                return self._splice_ready(sock.fileno(), now, pipe, FAIR_SHARE - 1 - turn)
-        return None
-
-    def _splice_ready(
-        self, fd: int, now: float, pipe: SplicePipe, reads: int
-    ) -> outcome.Outcome[None] | None:
-        """The rest of a streaming connection's relay step: up to ``reads`` chunks spliced from the
-        socket into ``pipe`` and from it back onto the socket (splice.py), ending as
-        :meth:`_echo_ready` does. The pipe is shared: whatever a short send leaves in it is taken
-        out into the session before this returns, on every path."""
-        cap = self._read_cap
-        session = self.session
-        into, out_of = pipe.write_fd, pipe.read_fd
-        for _ in range(reads):
-            try:
-                count = os.splice(fd, into, cap, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                return None
-            except OSError as exc:
-                if exc.errno in SPLICE_REFUSALS:  # nothing moved; the next turn copies
-                    pipe.usable = False
-                    return None
-                return outcome.Error(exc)
-            self._activity = now
-            if not count:
-                session.received(_NOTHING)  # the client's EOF
-                return outcome.Value(None)
-            error: OSError | None = None
-            try:
-                sent = os.splice(out_of, fd, count, flags=SPLICE_FLAGS)
-            except OSError as exc:
-                sent, error = 0, exc
-            if sent < count:
-                # The rest is still in the pipe: into the session (at most one read's worth), and
-                # the SEND step sends it (or the task reports the error).
-                if sent:
-                    session.echoed(sent)
-                session.received(pipe.take(count - sent))
-                if error is None or isinstance(error, BlockingIOError):
-                    return outcome.Value(None)
-                if error.errno in SPLICE_REFUSALS:
-                    pipe.usable = False
-                    return outcome.Value(None)
-                return outcome.Error(error)
-            session.echoed(count)
-            if count < cap:
                 return None
         return None
 

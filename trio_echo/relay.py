@@ -36,8 +36,6 @@ from typing import TYPE_CHECKING
 import outcome
 import trio
 
-from .splice import SplicePipe
-
 if TYPE_CHECKING:
     from .pump import SocketPump
 
@@ -49,11 +47,10 @@ BATCH = 256
 class Relay:
     """Carries the steady-state echo of the connections parked in it (see the module docstring)."""
 
-    __slots__ = ("_carried", "_epoll", "_pipe")
+    __slots__ = ("_carried", "_epoll")
 
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None  # while running
-        self._pipe: SplicePipe | None = None  # while running, where the platform can splice
         self._carried: dict[int, tuple[SocketPump, socket.socket, trio.lowlevel.Task]] = {}
 
     @staticmethod
@@ -74,7 +71,6 @@ class Relay:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Carry connections until cancelled; then hand each back to its task."""
         epoll = self._epoll = select.epoll()
-        self._pipe = SplicePipe.open()
         fd = epoll.fileno()
         clock = trio.lowlevel.current_clock()
         carried = self._carried
@@ -106,24 +102,17 @@ class Relay:
                 trio.lowlevel.reschedule(task, outcome.Value(None))  # (it runs after we are gone)
             self._epoll = None
             epoll.close()
-            if self._pipe is not None:
-                self._pipe.close()
-                self._pipe = None
 
     def _carry(self, events: list[tuple[int, int]], now: float) -> None:
         """One batch. (A method, not inline in ``run``: its locals must not keep the last connection
         alive while the relay waits, or a closed one is freed only by the garbage collector.)"""
         carried = self._carried
-        pipe = self._pipe
         for ready, _ in events:
             entry = carried[ready]  # (only this and ``abort``, never both at once, change the set)
             try:
-                result = entry[0]._echo_ready(entry[1], now, pipe)
+                result = entry[0]._echo_ready(entry[1], now)
             except Exception as exc:  # a bug hit by one connection: its task reports it
                 result = outcome.Error(exc)
-                if pipe is not None:  # it may have left its bytes in the shared pipe: a new one
-                    pipe.close()
-                    pipe = self._pipe = SplicePipe.open()
             if result is not None:
                 self._release(ready)
                 trio.lowlevel.reschedule(entry[2], result)
