@@ -10,8 +10,8 @@ for the set to become readable (so trio's scheduler is paid per batch or per qui
 connection and message). For each ready socket it has the connection do one ``recv_into`` and
 ``send`` (``SocketPump._echo_ready``, which keeps the session's books). Whatever else the session
 needs hands the connection back: the client's EOF, an echo the kernel did not take whole, an error
-(raised in the task), data tracing switched on. The relay then wakes the task, which
-goes on with the socket pump and, once that runs dry again, parks again.
+(raised in the task), data tracing switched on. The relay then wakes the task, which goes on with
+the socket pump and, once that runs dry again, parks again.
 
 Why: each message through a task of its own costs trio a task step and a readiness wait (an
 ``epoll_ctl`` to re-arm its one-shot registration, a wakeup); two thirds of the server's CPU per
